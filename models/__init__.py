@@ -1,0 +1,40 @@
+"""compactfl models: pure PyTorch architectures, ExpandNets expansion/contraction, CSG, counting, state.
+
+Public API (see DESIGN.md): ``build``, ``list_models``, ``expand``, ``contract``, ``init_from_expanded``,
+``csg_compress``, ``materialize``, ``cheapen``, ``finalize``, ``count_params``, ``count_macs``,
+``trainable_state``, ``load_trainable_state``, ``payload_bytes``, ``model_spec``, ``build_from_spec``.
+Nothing here imports Flower or Ray.
+"""
+
+from models.counting import count_macs, count_params
+from models.finalize import finalize, has_reparameterized
+from models.registry import build, build_from_spec, list_models, model_spec, register
+from models.state import (
+    cast_state,
+    deserialize_state,
+    load_trainable_state,
+    payload_bytes,
+    serialize_state,
+    trainable_state,
+)
+
+__all__ = [
+    "build", "build_from_spec", "list_models", "model_spec", "register",
+    "count_macs", "count_params", "finalize", "has_reparameterized",
+    "cast_state", "deserialize_state", "load_trainable_state", "payload_bytes", "serialize_state",
+    "trainable_state",
+    "expand", "contract", "init_from_expanded", "csg_compress", "materialize", "cheapen",
+]
+
+
+def __getattr__(name: str):
+    # Compression APIs live in their own modules; imported lazily so each lands independently.
+    if name in ("expand", "contract", "init_from_expanded"):
+        from models import expandnets as _m
+    elif name in ("csg_compress", "materialize"):
+        from models import csg as _m
+    elif name == "cheapen":
+        from models import cheap as _m
+    else:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    return getattr(_m, name)

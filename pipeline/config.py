@@ -1,0 +1,306 @@
+"""The one run-config schema (pydantic), YAML loading and ``--set a.b=value`` overrides.
+
+Every engine (local, Flower, Ray) and every stage reads a :class:`RunConfig`. Unknown keys and wrong types
+raise :class:`ConfigError` with a one-line message naming the key path and what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema (message: one line, names the key path)."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------- data
+class PartitionConfig(Strict):
+    """How the training set is split across federated clients / workers."""
+
+    kind: Literal["iid", "dirichlet", "shards"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skewed)")
+    min_size: int = Field(10, ge=1, description="minimum samples per partition (Dirichlet)")
+    classes_per_client: int = Field(2, ge=1, description="label shards: classes per client")
+
+
+class DataConfig(Strict):
+    name: Literal["cifar10", "cifar100"] = "cifar10"
+    root: Path | None = Field(None, description="folder holding cifar-10-batches-py/ (None = embedded subset)")
+    augment: bool = True
+    train_limit: int | None = Field(None, ge=1, description="use only the first N training samples")
+    test_limit: int | None = Field(None, ge=1, description="use only the first N test samples")
+    partition: PartitionConfig = PartitionConfig()
+
+    @model_validator(mode="after")
+    def _embedded_is_cifar10(self) -> DataConfig:
+        if self.root is None and self.name != "cifar10":
+            raise ValueError(f"data.root is required for {self.name} (the embedded subset is CIFAR-10 only)")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return 100 if self.name == "cifar100" else 10
+
+
+# ---------------------------------------------------------------------------------------------- model
+class ModelConfig(Strict):
+    name: str = "smallnet7"
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra builder arguments")
+
+
+class NoCompression(Strict):
+    kind: Literal["none"] = "none"
+
+
+class ExpandConfig(Strict):
+    """ExpandNets: train an expanded net, contract it for deployment."""
+
+    kind: Literal["expand"] = "expand"
+    strategy: Literal["cl", "ck", "fc", "cl+fc", "ck+fc"] = "ck"
+    rate: float = Field(4.0, gt=0)
+    mode: Literal["fused", "explicit"] = "fused"
+    skip_unsupported: bool = False
+
+
+class CSGConfig(Strict):
+    """CSG: conv filters generated from per-layer codes by one shared slice generator."""
+
+    kind: Literal["csg"] = "csg"
+    slice_shape: tuple[int, int, int, int] = (16, 16, 3, 3)
+    code_size: int = Field(128, ge=1)
+    binary: bool = False
+    generator: Path | None = Field(None, description="safetensors file holding a generator to share")
+    train_generator: bool = True
+    include_pointwise: bool = False
+
+
+class CheapConfig(Strict):
+    """Moonshine: replace every standard block by a cheap block (e.g. ``G(4)``, ``B(2)``)."""
+
+    kind: Literal["cheap"] = "cheap"
+    block: str = "G(4)"
+
+
+Compression = Annotated[NoCompression | ExpandConfig | CSGConfig | CheapConfig, Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------------------------------------- train
+class TrainConfig(Strict):
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(500, ge=1)
+    epochs: int = Field(1, ge=1, description="epochs (local/Ray); local epochs per round come from engine")
+    schedule: Literal["constant", "multistep", "cosine"] = "constant"
+    milestones: list[int] = Field(default_factory=list, description="multistep: epochs at which lr *= gamma")
+    gamma: float = Field(0.1, gt=0)
+    max_batches: int | None = Field(None, ge=1, description="cap batches per epoch (quick runs)")
+    grad_clip: float | None = Field(None, gt=0)
+
+
+# -------------------------------------------------------------------------------------- distillation
+class TeacherConfig(Strict):
+    """A teacher: a safetensors checkpoint (with its model.json beside it) or a model to train first."""
+
+    checkpoint: Path | None = None
+    model: ModelConfig | None = None
+    train: TrainConfig | None = None
+    cache_logits: bool = Field(False, description="cache teacher logits per sample (only without augmentation)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherConfig:
+        if (self.checkpoint is None) == (self.model is None):
+            raise ValueError("teacher needs exactly one of 'checkpoint' or 'model' (+ optional 'train')")
+        return self
+
+
+class NoDistill(Strict):
+    kind: Literal["none"] = "none"
+
+
+class KDConfig(Strict):
+    kind: Literal["kd"] = "kd"
+    T: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1)
+
+
+class ATConfig(Strict):
+    kind: Literal["at"] = "at"
+    beta: float = Field(1000.0, ge=0)
+    layers: list[int] | None = Field(None, description="indices into forward_features (None = all)")
+
+
+Distill = Annotated[NoDistill | KDConfig | ATConfig, Field(discriminator="kind")]
+
+
+# --------------------------------------------------------------------------------------------- engines
+class LocalEngine(Strict):
+    kind: Literal["local"] = "local"
+
+
+FlowerStrategy = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum"]
+
+
+class FlowerEngine(Strict):
+    kind: Literal["flower"] = "flower"
+    rounds: int = Field(3, ge=1)
+    clients: int = Field(4, ge=1, description="number of simulated SuperNodes / partitions")
+    fraction: float = Field(1.0, gt=0, le=1, description="fraction of nodes sampled for training per round")
+    min_train_nodes: int = Field(1, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    strategy: FlowerStrategy = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal term")
+    server_lr: float = Field(0.01, gt=0, description="FedAdam server learning rate")
+    trimmed_beta: float = Field(0.2, ge=0, lt=0.5, description="FedTrimmedAvg trim fraction")
+    krum_byzantine: int = Field(0, ge=0, description="Krum: number of malicious nodes tolerated")
+    transport_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies per round")
+    client_cpus: float = Field(1.0, gt=0)
+    client_gpus: float = Field(0.0, ge=0)
+    fault_nodes: dict[int, Literal["raise", "nan", "shape"]] = Field(
+        default_factory=dict, description="TEST ONLY: partition id -> injected fault"
+    )
+
+
+class RayEngine(Strict):
+    kind: Literal["ray"] = "ray"
+    workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    comm: str = Field("none", description="none | fp16 | bf16 | powersgd(RANK)")
+    max_failures: int = Field(1, ge=0)
+    storage_path: Path | None = Field(None, description="Ray Train storage (default: <run dir>/ray)")
+    address: str | None = Field(None, description="Ray address to join (None: auto / start local)")
+    fail_at_epoch: int | None = Field(None, ge=1, description="TEST ONLY: rank 1 dies once in this epoch")
+
+    @field_validator("comm")
+    @classmethod
+    def _comm(cls, v: str) -> str:
+        if v in ("none", "fp16", "bf16") or re.fullmatch(r"powersgd\(\d+\)", v):
+            return v
+        raise ValueError(f"expected none, fp16, bf16 or powersgd(RANK), got {v!r}")
+
+
+Engine = Annotated[LocalEngine | FlowerEngine | RayEngine, Field(discriminator="kind")]
+
+
+# ------------------------------------------------------------------------------------------------ run
+class RunConfig(Strict):
+    seed: int = 0
+    name: str | None = Field(None, description="run name (default: config file stem)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    compression: Compression = NoCompression()
+    teacher: TeacherConfig | None = None
+    distill: Distill = NoDistill()
+    engine: Engine = LocalEngine()
+    train: TrainConfig = TrainConfig()
+    output: Path = Path("runs")
+    resume: bool = False
+
+    @model_validator(mode="after")
+    def _distill_needs_teacher(self) -> RunConfig:
+        if self.distill.kind != "none" and self.teacher is None:
+            raise ValueError(f"distill.kind={self.distill.kind} needs a 'teacher' section")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output / (self.name or "run")
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _UNION_TAGS)) or "<root>"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in e and e["type"] not in ("missing", "value_error") and not isinstance(e["input"], dict):
+        msg = f"{msg} (got {e['input']!r})"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"config error: {loc}: {msg}{more}"
+
+
+_UNION_TAGS = {
+    "none", "expand", "csg", "cheap", "kd", "at", "local", "flower", "ray",
+}
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value as YAML (so ``3``, ``0.1``, ``true``, ``[16,16,3,3]`` get their types)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a raw config dict (creating intermediate sections)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"config error: override {item!r} must look like key.path=value")
+        path, value = item.split("=", 1)
+        keys = [k for k in path.strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"config error: override {item!r} has an empty key path")
+        node = raw
+        for i, k in enumerate(keys[:-1]):
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"config error: {'.'.join(keys[: i + 1])}: is a value, not a section")
+            node = nxt
+        node[keys[-1]] = parse_value(value)
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """Validate a raw dict (plus overrides) into a RunConfig, or raise a one-line ConfigError."""
+    raw = apply_overrides(dict(raw or {}), list(overrides or []))
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config (None: the embedded demo config) and apply ``--set`` overrides."""
+    p = Path(path) if path is not None else default_config_path()
+    if not p.is_file():
+        raise ConfigError(f"config error: config file {str(p)!r} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise ConfigError(f"config error: {p}{where}: not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config error: {p}: top level must be a mapping of sections")
+    raw.setdefault("name", p.stem)
+    return config_from_dict(raw, overrides)
+
+
+def default_config_path() -> Path:
+    """``configs/demo.yaml`` of the checkout, or the copy shipped inside the package."""
+    repo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    return repo if repo.is_file() else Path(__file__).resolve().parent / "assets" / "demo.yaml"
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what a run dir's ``config.yaml`` holds)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
