@@ -1,0 +1,130 @@
+"""The data layer every engine uses: load a split, partition it, and build seeded DataLoaders from a config.
+
+Sources: the official CIFAR-10/100 python folders under ``data.root`` (read with a restricted unpickler,
+:mod:`pipeline.cifar_format`; fetch them with :func:`download`), or, when ``data.root`` is None, the real
+CIFAR-10 subset embedded in the package (:mod:`pipeline.embedded`). Decoded splits, datasets and partitions
+are cached per process, so Flower ClientApps (re-created per message) and Ray workers pay for loading once.
+
+Engines call :func:`train_loader` (local / Ray ranks), :func:`client_train_loader` (Flower partitions) and
+:func:`test_loader`; the lower-level pieces are re-exported here so ``pipeline.data`` is the one import.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DistributedSampler
+
+from pipeline.cifar_format import CifarArrays, DataError, read_split, safe_unpickle
+from pipeline.config import DataConfig, PartitionConfig, RunConfig
+from pipeline.download import download
+from pipeline.embedded import load_embedded
+from pipeline.loaders import (
+    BatchTransform,
+    CifarLoader,
+    ImageDataset,
+    SeededShuffleSampler,
+    make_test_loader,
+    make_train_loader,
+)
+from pipeline.partition import format_partition_summary, label_entropy, partition, partition_summary
+from pipeline.transforms import hash_seed
+
+__all__ = [
+    "BatchTransform", "CifarArrays", "CifarLoader", "DataError", "ImageDataset", "SeededShuffleSampler",
+    "client_partition", "client_train_loader", "dataset_for", "download", "format_partition_summary",
+    "label_entropy", "load_cifar", "load_embedded", "load_split", "make_test_loader", "make_train_loader",
+    "partition", "partition_summary", "safe_unpickle", "test_loader", "train_loader",
+]
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cifar_cached(name: str, root: Path, split: str) -> CifarArrays:
+    arrays = read_split(name, root, split)
+    arrays.images.flags.writeable = False
+    arrays.labels.flags.writeable = False
+    return arrays
+
+
+def load_cifar(name: str, root: Path | str, split: str) -> CifarArrays:
+    """``split`` of ``name`` (cifar10/cifar100) from the official folder under ``root`` (validated, cached)."""
+    return _load_cifar_cached(name, Path(root).expanduser().resolve(), split)
+
+
+def _limit(data_cfg: DataConfig, split: str) -> int | None:
+    return data_cfg.train_limit if split == "train" else data_cfg.test_limit
+
+
+def load_split(data_cfg: DataConfig, split: str) -> CifarArrays:
+    """The ``train``/``test`` split the config asks for: ``root`` or the embedded subset, then the limit."""
+    arrays = load_embedded(split) if data_cfg.root is None else load_cifar(data_cfg.name, data_cfg.root, split)
+    limit = _limit(data_cfg, split)
+    return arrays if limit is None or limit >= len(arrays) else arrays.take(slice(0, limit))
+
+
+def _key(data_cfg: DataConfig, split: str) -> tuple:
+    root = None if data_cfg.root is None else str(Path(data_cfg.root).expanduser().resolve())
+    return data_cfg.name, root, split, _limit(data_cfg, split)
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset_cached(key: tuple) -> ImageDataset:
+    name, root, split, limit = key
+    cfg = DataConfig(name=name, root=root, train_limit=limit if split == "train" else None,
+                     test_limit=limit if split == "test" else None)
+    return ImageDataset.from_arrays(load_split(cfg, split))
+
+
+def dataset_for(data_cfg: DataConfig, split: str) -> ImageDataset:
+    """The (cached) :class:`ImageDataset` of a split, shared by every loader of this process."""
+    return _dataset_cached(_key(data_cfg, split))
+
+
+@functools.lru_cache(maxsize=8)
+def _partitions_cached(key: tuple, partition_json: str, num_partitions: int, seed: int) -> tuple[np.ndarray, ...]:
+    labels = _dataset_cached(key).labels.numpy()
+    cfg = PartitionConfig.model_validate_json(partition_json)
+    parts = tuple(partition(labels, num_partitions, cfg, seed))
+    for p in parts:
+        p.flags.writeable = False
+    return parts
+
+
+def client_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> np.ndarray:
+    """Training-set indices of client ``partition_id`` of ``num_partitions`` (same split in every process)."""
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition_id {partition_id} is outside 0..{num_partitions - 1}")
+    parts = _partitions_cached(_key(cfg.data, "train"), cfg.data.partition.model_dump_json(), num_partitions,
+                               cfg.seed)
+    return parts[partition_id]
+
+
+def client_train_loader(cfg: RunConfig, partition_id: int, num_partitions: int) -> CifarLoader:
+    """Loader over one client's partition (``cfg.data.partition``, seeded by ``cfg.seed``).
+
+    Shuffling/augmentation are seeded per client; call ``loader.set_epoch(e)`` with a global epoch count
+    (e.g. ``(round - 1) * local_epochs + local_epoch``) so rounds do not repeat the same order.
+    """
+    idx = client_partition(cfg, partition_id, num_partitions)
+    return make_train_loader(dataset_for(cfg.data, "train"), cfg.train.batch_size,
+                             seed=hash_seed(cfg.seed, partition_id), augment=cfg.data.augment, indices=idx)
+
+
+def train_loader(cfg: RunConfig, *, rank: int = 0, world_size: int = 1) -> CifarLoader:
+    """The whole training split for local training, or rank ``rank``'s shard under DistributedSampler."""
+    ds = dataset_for(cfg.data, "train")
+    sampler = None
+    if world_size > 1:
+        sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
+    return make_train_loader(ds, cfg.train.batch_size, seed=hash_seed(cfg.seed, rank), augment=cfg.data.augment,
+                             sampler=sampler)
+
+
+def test_loader(cfg: RunConfig) -> CifarLoader:
+    """The test split in fixed order, batched by ``cfg.train.eval_batch_size``."""
+    return make_test_loader(dataset_for(cfg.data, "test"), cfg.train.eval_batch_size)
+
+
+test_loader.__test__ = False  # type: ignore[attr-defined]  # keep pytest from collecting it when imported
