@@ -159,6 +159,8 @@ class FlowerEngine(Strict):
     clients: int = Field(4, ge=1, description="number of simulated SuperNodes / partitions")
     fraction: float = Field(1.0, gt=0, le=1, description="fraction of nodes sampled for training per round")
     min_train_nodes: int = Field(1, ge=1)
+    evaluate_fraction: float = Field(0.0, ge=0, le=1, description="fraction of nodes that evaluate the global "
+                                     "model on their shard of the test set each round (0 = server-side only)")
     local_epochs: int = Field(1, ge=1)
     strategy: FlowerStrategy = "fedavg"
     proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal term")

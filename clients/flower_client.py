@@ -1,0 +1,117 @@
+"""What one Flower client computes, free of Flower types: local training and evaluation of the global model.
+
+The ClientApp (``clients/app.py``) only decodes messages and calls these functions, so they are unit-tested
+without Ray. Every client rebuilds the training-time model from the config seed (a frozen CSG generator
+is therefore identical everywhere and never travels), loads the received global trainable state, trains
+``engine.local_epochs`` with the shared loop and returns only ``models.trainable_state``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+import models
+from pipeline.config import RunConfig
+from pipeline.modeling import build_training_model
+from pipeline.train import evaluate, fit, resolve_device, seed_everything
+
+
+def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """The RNG seed of one client in one round: a pure function, so a resumed run repeats it exactly."""
+    return (seed * 1_000_003 + server_round * 10_007 + partition_id * 101) % 2**31
+
+
+def proximal_penalty(model: nn.Module, mu: float):
+    """FedProx term ``mu/2 * ||w - w_global||^2`` over the trainable parameters (global = weights at entry)."""
+    anchors = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    def penalty(_model: nn.Module) -> torch.Tensor:
+        return 0.5 * mu * sum(((p - w0) ** 2).sum() for p, w0 in anchors)
+
+    return penalty
+
+
+def build_client_loss(cfg: RunConfig, device: torch.device):
+    """CE, or KD/AT against the run's frozen teacher when the config asks for distillation."""
+    from pipeline.distill import build_loss
+
+    if cfg.distill.kind == "none" or cfg.teacher is None:
+        return build_loss(cfg.distill, None)
+    if importlib.util.find_spec("pipeline.teacher") is None:
+        raise ValueError(f"distill.kind={cfg.distill.kind} needs pipeline.teacher, which is not installed")
+    from pipeline.teacher import get_teacher
+
+    return build_loss(cfg.distill, get_teacher(cfg, device))
+
+
+def inject_fault(state: dict[str, torch.Tensor], fault: str) -> dict[str, torch.Tensor]:
+    """TEST ONLY (``engine.fault_nodes``): corrupt a reply with NaNs or a wrong-shaped first tensor."""
+    state = dict(state)
+    key = next(iter(state))
+    if fault == "nan":
+        state[key] = torch.full_like(state[key], float("nan"))
+    elif fault == "shape":
+        state[key] = torch.zeros((state[key].shape[0] + 1, *state[key].shape[1:]), dtype=state[key].dtype)
+    else:
+        raise ValueError(f"engine.fault_nodes: unknown fault {fault!r} (expected raise, nan or shape)")
+    return state
+
+
+def local_train(cfg: RunConfig, global_state: dict[str, torch.Tensor], *, partition_id: int, num_partitions: int,
+                server_round: int, proximal_mu: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Train the global model on one partition; returns (new trainable state on CPU, metrics)."""
+    from pipeline.data import client_train_loader
+
+    fault = cfg.engine.fault_nodes.get(partition_id) if cfg.engine.kind == "flower" else None
+    if fault == "raise":
+        raise RuntimeError(f"injected fault: client partition {partition_id} raises (engine.fault_nodes)")
+    seed_everything(client_seed(cfg.seed, server_round, partition_id))
+    device = resolve_device(cfg.device)
+    model = build_training_model(cfg)
+    models.load_trainable_state(model, global_state)
+    model.to(device)
+    loader = client_train_loader(cfg, partition_id, num_partitions)
+    penalty = proximal_penalty(model, proximal_mu) if proximal_mu > 0 else None
+    epochs = cfg.engine.local_epochs if cfg.engine.kind == "flower" else 1
+    first_epoch = (server_round - 1) * epochs  # a global epoch count: rounds see fresh shuffles/augmentations
+
+    def before_epoch(epoch: int) -> None:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(first_epoch + epoch)
+
+    history = fit(model, loader, cfg.train, epochs=epochs, loss_fn=build_client_loss(cfg, device), device=device,
+                  penalty=penalty, before_epoch=before_epoch)
+    state = {k: v.detach().cpu().clone() for k, v in models.trainable_state(model).items()}
+    if fault is not None:
+        state = inject_fault(state, fault)
+    last = history[-1]
+    metrics = {"num-examples": int(last["train_samples"]), "train-loss": float(last["train_loss"]),
+               "train-accuracy": float(last["train_accuracy"]), "train-seconds": float(sum(r["train_seconds"]
+                                                                                          for r in history))}
+    return state, metrics
+
+
+def test_shard_loader(cfg: RunConfig, partition_id: int, num_partitions: int) -> DataLoader:
+    """Every ``num_partitions``-th test sample starting at ``partition_id``: the shards cover the test set once."""
+    from pipeline.data import test_loader
+
+    full = test_loader(cfg)
+    shard = Subset(full.dataset, list(range(partition_id, len(full.dataset), num_partitions)))
+    return DataLoader(shard, batch_size=full.batch_size, shuffle=False)
+
+
+def local_evaluate(cfg: RunConfig, global_state: dict[str, torch.Tensor], *, partition_id: int,
+                   num_partitions: int) -> dict[str, Any]:
+    """Accuracy of the finalised (compact) global model on this client's shard of the test set."""
+    device = resolve_device(cfg.device)
+    model = build_training_model(cfg)
+    models.load_trainable_state(model, global_state)
+    compact = models.finalize(model).to(device)
+    result = evaluate(compact, test_shard_loader(cfg, partition_id, num_partitions), device)
+    return {"num-examples": int(result["test_samples"]), "test-loss": float(result["test_loss"]),
+            "test-accuracy": float(result["test_accuracy"])}

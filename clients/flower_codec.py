@@ -1,0 +1,102 @@
+"""What a Flower message carries: model state <-> ``ArrayRecord`` (fp32 / fp16 / bf16) and the run config.
+
+Both the ClientApp and the ServerApp use this one codec, so bytes are counted on exactly the payload that
+travels. On the wire each tensor is one ``Array`` whose ``data`` is the raw little-endian buffer
+(``stype="compactfl.raw"``; dtype and shape travel in the Array's own fields), so the payload is exactly
+``numel * itemsize`` and no per-tensor npy header inflates small tensors. bf16 (which NumPy lacks) travels
+as its 16-bit patterns. Flower's strategies aggregate NumPy-backed Arrays: the server converts valid
+replies with :func:`to_numpy_record` before handing them over.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from models.state import cast_state
+from pipeline.config import RunConfig, config_from_dict
+
+RAW_STYPE = "compactfl.raw"
+#: wire dtype string -> (numpy dtype of the raw buffer, torch dtype it decodes to)
+_RAW = {
+    "float32": (np.dtype("<f4"), torch.float32),
+    "float16": (np.dtype("<f2"), torch.float16),
+    "bfloat16": (np.dtype("<u2"), torch.bfloat16),
+    "float64": (np.dtype("<f8"), torch.float64),
+    "int64": (np.dtype("<i8"), torch.int64),
+}
+_TORCH_TO_WIRE = {torch_dtype: name for name, (_, torch_dtype) in _RAW.items()}
+#: Array.dtype string of each transport dtype of ``engine.transport_dtype``.
+WIRE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+CONFIG_KEY = "compactfl-config"
+
+
+def encode_tensor(tensor: torch.Tensor) -> Array:
+    """One tensor as a raw-buffer ``Array`` (dtype name + shape + little-endian bytes)."""
+    t = tensor.detach().cpu().contiguous()
+    if t.dtype not in _TORCH_TO_WIRE:
+        raise TypeError(f"cannot send a {t.dtype} tensor (supported: {sorted(_RAW)})")
+    name = _TORCH_TO_WIRE[t.dtype]
+    raw = t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+    data = raw.astype(_RAW[name][0], copy=False).tobytes()
+    return Array(dtype=name, shape=tuple(int(d) for d in t.shape), stype=RAW_STYPE, data=data)
+
+
+def encode_state(state: dict[str, torch.Tensor], transport_dtype: str = "fp32") -> ArrayRecord:
+    """An ``ArrayRecord`` of raw-buffer Arrays holding ``state`` cast to ``transport_dtype`` (state order)."""
+    record = ArrayRecord()
+    for key, tensor in cast_state(state, transport_dtype).items():
+        record[key] = encode_tensor(tensor)
+    return record
+
+
+def decode_array(array: Array) -> torch.Tensor:
+    """One ``Array`` (raw-buffer or Flower's NumPy format) back to a tensor in its wire dtype."""
+    if array.stype != RAW_STYPE:
+        return torch.from_numpy(np.array(array.numpy(), copy=True))
+    if array.dtype not in _RAW:
+        raise ValueError(f"unsupported wire dtype {array.dtype!r}")
+    np_dtype, torch_dtype = _RAW[array.dtype]
+    shape = tuple(array.shape)
+    expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    if len(array.data) != expected:
+        raise ValueError(f"buffer holds {len(array.data)} bytes, shape {shape} x {array.dtype} needs {expected}")
+    values = torch.from_numpy(np.frombuffer(array.data, dtype=np_dtype).astype(np_dtype.newbyteorder("="))
+                              .reshape(shape))
+    return values.view(torch.bfloat16) if torch_dtype == torch.bfloat16 else values
+
+
+def decode_record(record: ArrayRecord, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+    """Tensors of an ``ArrayRecord``, cast to ``dtype`` (None keeps the wire dtype)."""
+    out = {}
+    for key, array in record.items():
+        t = decode_array(array)
+        out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return out
+
+
+def to_numpy_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """Flower's NumPy-backed ``ArrayRecord`` (what its strategies aggregate) of an fp32 state."""
+    return ArrayRecord({k: Array(v.detach().cpu().float().contiguous().numpy()) for k, v in state.items()})
+
+
+def record_nbytes(record: ArrayRecord) -> int:
+    """Payload bytes of an ``ArrayRecord`` as Flower counts them (``count_bytes``: buffers + key names)."""
+    return int(record.count_bytes())
+
+
+def config_to_json(cfg: RunConfig) -> str:
+    """The resolved run config as JSON (sent to clients so every node trains with the server's config)."""
+    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+
+
+def config_from_json(text: str) -> RunConfig:
+    """Inverse of :func:`config_to_json` (validated again on the receiving side)."""
+    raw: Any = json.loads(text)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{CONFIG_KEY}: expected a JSON object, got {type(raw).__name__}")
+    return config_from_dict(raw)

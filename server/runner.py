@@ -1,0 +1,112 @@
+"""The ServerApp's body: federated rounds with centralised evaluation, checkpoints, resume and final outputs.
+
+``run_server(grid, cfg, run_dir)`` is shared by ``flwr run .`` (``server.app``) and the pipeline's flower
+engine (``pipeline.engine_flower``), so both produce the same run dir for the same config and seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from torch import nn
+
+import models
+from clients.flower_codec import CONFIG_KEY, config_to_json, decode_record, to_numpy_record
+from pipeline.config import RunConfig
+from pipeline.modeling import build_training_model
+from pipeline.train import evaluate, resolve_device, seed_everything
+from server import accounting
+from server.checkpoint import ServerCheckpoint, capture_rng, latest_checkpoint, restore_rng, save_checkpoint
+from server.loop import run_rounds
+from server.strategies import build_strategy
+
+log = logging.getLogger("compactfl.server")
+
+
+class CentralEvaluator:
+    """Evaluates the finalised (contracted / materialised) global model on the test set each round."""
+
+    def __init__(self, cfg: RunConfig, model: nn.Module) -> None:
+        from pipeline.data import test_loader
+
+        self.model = model
+        self.device = resolve_device(cfg.device)
+        self.loader = test_loader(cfg)
+
+    def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Test loss/accuracy of the compact model a user would deploy after this round."""
+        models.load_trainable_state(self.model, state)
+        compact = models.finalize(self.model).to(self.device)
+        return evaluate(compact, self.loader, self.device)
+
+
+def _metric(metrics: MetricRecord | None, key: str) -> float | None:
+    return float(metrics[key]) if metrics is not None and key in metrics else None
+
+
+def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """Train ``cfg.engine.rounds`` federated rounds (resuming when asked) and finish the run; returns summary."""
+    from pipeline.stages import finish_run
+
+    if cfg.engine.kind != "flower":
+        raise ValueError(f"engine.kind must be 'flower' for the Flower ServerApp, got {cfg.engine.kind!r}")
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    seed_everything(cfg.seed)
+    model = build_training_model(cfg)
+    state = {k: v.detach().cpu().clone().float() for k, v in models.trainable_state(model).items()}
+    strategy = build_strategy(cfg)
+    history: list[dict[str, Any]] = []
+    first_round = 1
+    nodes = len(list(grid.get_node_ids()))
+    if nodes != cfg.engine.clients:
+        log.info("the federation has %d nodes now, engine.clients=%d: partitions follow each node's "
+                 "num-partitions", nodes, cfg.engine.clients)
+    evaluator = CentralEvaluator(cfg, model)
+    if cfg.resume:
+        ckpt = latest_checkpoint(ckpt_dir, cfg)
+        if ckpt is None:
+            log.warning("resume: no checkpoint in %s, starting from round 1", ckpt_dir)
+        else:
+            state, history, first_round = ckpt.global_state, ckpt.history, ckpt.round + 1
+            strategy.load_state_arrays(ckpt.strategy_state)
+            restore_rng(ckpt.rng)
+            log.info("resume: continuing after round %d from %s", ckpt.round, ckpt_dir)
+    train_config = ConfigRecord({CONFIG_KEY: config_to_json(cfg)})
+
+    def on_round(rnd: int, arrays: ArrayRecord, train_m: MetricRecord | None, eval_m: MetricRecord | None,
+                 seconds: float) -> None:
+        global_state = decode_record(arrays)
+        record: dict[str, Any] = {"round": rnd, "train_loss": _metric(train_m, "train-loss"),
+                                  "train_accuracy": _metric(train_m, "train-accuracy")}
+        record.update(evaluator(global_state))
+        if eval_m is not None:
+            record["federated_test_accuracy"] = _metric(eval_m, "test-accuracy")
+        record.update(strategy.round_report.get(rnd, {}))
+        record.update(strategy.ledger.summary(rnd))
+        record["seconds"] = seconds
+        history.append(record)
+        log.info("round %d: test accuracy %.4f, bytes up %d down %d, replies ok %d failed %d dropped %d", rnd,
+                 record["test_accuracy"], record["bytes_up"], record["bytes_down"], record["replies_ok"],
+                 record["replies_failed"], record["replies_dropped"])
+        save_checkpoint(ckpt_dir, ServerCheckpoint(rnd, global_state, strategy.state_arrays(), history,
+                                                   capture_rng()), cfg)
+
+    final = to_numpy_record(state)
+    if first_round <= cfg.engine.rounds:
+        final = run_rounds(strategy, grid, final, first_round=first_round, last_round=cfg.engine.rounds,
+                           timeout=cfg.engine.round_timeout, train_config=train_config,
+                           evaluate_config=ConfigRecord({CONFIG_KEY: config_to_json(cfg)}), on_round=on_round)
+    models.load_trainable_state(model, decode_record(final))
+    extra = {**accounting.totals(history), "rounds": len(history), "clients": cfg.engine.clients,
+             "strategy": cfg.engine.strategy, "transport_dtype": cfg.engine.transport_dtype,
+             "payload_bytes_up_per_client": history[-1]["bytes_up_per_client"] if history else 0,
+             "flower_seconds": time.perf_counter() - started}
+    return finish_run(cfg, model, history, run_dir, extra=extra)

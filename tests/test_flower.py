@@ -1,0 +1,273 @@
+"""Flower apps without Ray: codec, reply validation, byte accounting, strategies, checkpoints and resume.
+
+Full server runs go through :class:`server.local_grid.LocalGrid` (the real ServerApp body and the real
+ClientApp, in-process); the Ray simulation itself is covered by ``tests/test_flower_sim.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import tomli
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+import models
+from clients.app import app as client_app
+from clients.flower_client import client_seed, inject_fault, proximal_penalty
+from clients.flower_codec import (
+    config_from_json,
+    config_to_json,
+    decode_record,
+    encode_state,
+    record_nbytes,
+    to_numpy_record,
+)
+from pipeline.config import ConfigError, config_from_dict
+from pipeline.modeling import build_training_model
+from server.app import config_from_run_config
+from server.checkpoint import (
+    ServerCheckpoint,
+    capture_rng,
+    latest_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+)
+from server.local_grid import LocalGrid
+from server.runner import run_server
+from server.strategies import TooFewReplies, build_strategy
+from server.validation import check_reply, expected_layout
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp_path: Path, **engine) -> dict:
+    """A 3-client SmallNet-3 run on a slice of the embedded CIFAR-10 subset (seconds per round)."""
+    return {
+        "name": "fl", "seed": 3, "device": "cpu", "output": str(tmp_path),
+        "data": {"train_limit": 192, "test_limit": 64, "augment": True, "partition": {"kind": "iid"}},
+        "model": {"name": "smallnet3"},
+        "engine": {"kind": "flower", "rounds": 2, "clients": 3, "min_train_nodes": 1, **engine},
+        "train": {"batch_size": 32, "lr": 0.05, "max_batches": 2, "eval_batch_size": 64},
+    }
+
+
+def run_local(raw: dict) -> dict:
+    """Run the ServerApp body against the real ClientApp in-process; returns the run summary."""
+    cfg = config_from_dict(raw)
+    return run_server(LocalGrid(client_app, cfg.engine.clients), cfg, cfg.run_dir)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(Path(run_dir) / "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------- codec
+@pytest.mark.parametrize(("dtype", "itemsize", "tol"), [("fp32", 4, 0.0), ("fp16", 2, 1e-3), ("bf16", 2, 1e-2)])
+def test_codec_round_trip_and_exact_payload_size(dtype: str, itemsize: int, tol: float) -> None:
+    state = models.trainable_state(models.build("smallnet3", num_classes=10))
+    record = encode_state(state, dtype)
+    numel = sum(v.numel() for v in state.values())
+    assert record_nbytes(record) == numel * itemsize + sum(len(k) for k in state)
+    assert record_nbytes(record) == record.count_bytes()  # Flower's own measure
+    back = decode_record(record)
+    assert list(back) == list(state)
+    for k, v in state.items():
+        assert back[k].dtype == torch.float32 and back[k].shape == v.shape
+        torch.testing.assert_close(back[k], v.float(), atol=tol * max(1.0, v.abs().max().item()), rtol=tol)
+
+
+def test_codec_rejects_truncated_buffer_and_reads_flower_numpy_arrays() -> None:
+    record = encode_state({"w": torch.ones(4, 3)}, "bf16")
+    broken = ArrayRecord({"w": Array(dtype="bfloat16", shape=(4, 3), stype=record["w"].stype,
+                                     data=record["w"].data[:-2])})
+    with pytest.raises(ValueError, match="needs 24"):
+        decode_record(broken)
+    numpy_record = to_numpy_record({"w": torch.arange(6.0).view(2, 3)})
+    assert numpy_record["w"].stype == "numpy.ndarray"
+    torch.testing.assert_close(decode_record(numpy_record)["w"], torch.arange(6.0).view(2, 3))
+
+
+def test_config_travels_as_json_unchanged(tmp_path: Path) -> None:
+    cfg = config_from_dict(tiny_config(tmp_path, fault_nodes={1: "nan"}, transport_dtype="bf16"))
+    assert config_from_json(config_to_json(cfg)) == cfg
+
+
+# -------------------------------------------------------------------------------------- communication
+def test_resnet56_csg_upload_shrinks_by_the_parameter_ratio() -> None:
+    dense = models.build("resnet56", num_classes=10)
+    csg = models.csg_compress(dense, slice_shape=(16, 16, 3, 3), code_size=128)
+    assert (models.count_params(dense), models.count_params(csg)) == (853_018, 347_162)
+    up_dense = record_nbytes(encode_state(models.trainable_state(dense)))
+    up_csg = record_nbytes(encode_state(models.trainable_state(csg)))
+    ratio = up_dense / up_csg
+    assert abs(ratio / (853_018 / 347_162) - 1) < 0.02, ratio
+    frozen = models.csg_compress(dense, slice_shape=(16, 16, 3, 3), code_size=128, train_generator=False)
+    sent = encode_state(models.trainable_state(frozen))
+    trained_keys = set(models.trainable_state(csg))
+    generator_keys = trained_keys - set(sent)
+    assert generator_keys and all("generator" in k for k in generator_keys), "a frozen generator never travels"
+    assert up_csg - record_nbytes(sent) >= 4 * 16 * 16 * 9 * 128  # the whole fp32 generator stays home
+
+
+def test_expandnet_factors_travel_and_cost_more_than_the_compact_net() -> None:
+    net = models.build("smallnet7", num_classes=10)
+    expanded = models.expand(net, "ck", rate=4)
+    compact, wide = (record_nbytes(encode_state(models.trainable_state(m))) for m in (net, expanded))
+    assert wide > 2 * compact  # the cost of training expanded: reported, not hidden
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _reply(state: dict[str, torch.Tensor], dtype: str = "fp32", n: int = 10) -> RecordDict:
+    return RecordDict({"arrays": encode_state(state, dtype), "metrics": MetricRecord({"num-examples": n})})
+
+
+def test_validation_accepts_good_replies_and_names_each_fault() -> None:
+    state = models.trainable_state(models.build("smallnet3", num_classes=10))
+    layout = expected_layout(state, "bf16")
+    decoded, reason = check_reply(_reply(state, "bf16"), layout)
+    assert reason is None and set(decoded) == set(state)
+    first = next(iter(state))
+    cases = {
+        "non-finite": inject_fault(state, "nan"),
+        "shape": inject_fault(state, "shape"),
+        "missing key": {k: v for k, v in state.items() if k != first},
+        "unexpected key": {**state, "extra.weight": torch.zeros(2)},
+    }
+    for expected, bad in cases.items():
+        _, reason = check_reply(_reply(bad, "bf16"), layout)
+        assert reason is not None and expected in reason, (expected, reason)
+    _, reason = check_reply(_reply(state, "fp32"), layout)
+    assert "dtype float32, expected bfloat16" in reason
+    _, reason = check_reply(_reply(state, "bf16", n=0), layout)
+    assert "num-examples" in reason
+    inf_state = dict(state)
+    inf_state[first] = torch.full_like(state[first], math.inf)
+    assert "non-finite" in check_reply(_reply(inf_state, "bf16"), layout)[1]
+
+
+# ------------------------------------------------------------------------------------------ strategies
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum"])
+def test_every_configured_strategy_is_flowers_own_class(tmp_path: Path, name: str) -> None:
+    from flwr.serverapp import strategy as flwr_strategies
+
+    cfg = config_from_dict(tiny_config(tmp_path, strategy=name, clients=4))
+    strategy = build_strategy(cfg)
+    flower_class = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam", "fedmedian": "FedMedian",
+                    "fedtrimmedavg": "FedTrimmedAvg", "krum": "Krum"}[name]
+    assert isinstance(strategy, getattr(flwr_strategies, flower_class))
+
+
+def test_proximal_penalty_is_zero_at_the_global_weights_and_grows_away() -> None:
+    model = models.build("smallnet3", num_classes=10)
+    penalty = proximal_penalty(model, mu=0.5)
+    assert penalty(model).item() == 0.0
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert penalty(model).item() == pytest.approx(0.25 * next(model.parameters()).numel())
+
+
+def test_client_seeds_differ_per_round_and_partition() -> None:
+    seeds = {client_seed(0, r, p) for r in range(1, 4) for p in range(4)}
+    assert len(seeds) == 12
+
+
+# ----------------------------------------------------------------------------- server runs (in-process)
+def test_faulty_clients_are_dropped_bytes_match_payloads_and_clients_evaluate(tmp_path: Path) -> None:
+    raw = tiny_config(tmp_path, clients=4, rounds=1, transport_dtype="bf16", evaluate_fraction=1.0,
+                      fault_nodes={1: "raise", 2: "nan", 3: "shape"})
+    raw["compression"] = {"kind": "csg", "slice_shape": [8, 8, 3, 3], "code_size": 8}
+    summary = run_local(raw)
+    record = json.loads((tmp_path / "fl" / "metrics.json").read_text())["history"][0]
+    assert (record["replies_ok"], record["replies_failed"], record["replies_dropped"]) == (1, 1, 2)
+    cfg = config_from_dict(raw)
+    state = models.trainable_state(build_training_model(cfg))
+    payload = record_nbytes(encode_state(state, "bf16"))
+    wrong_shape = record_nbytes(encode_state(inject_fault(state, "shape"), "bf16"))
+    assert record["bytes_down"] == 8 * payload  # train + federated-evaluate messages to all 4 nodes
+    # the evaluate shards cover the test set once: their weighted accuracy is the centralised one
+    assert record["federated_test_accuracy"] == pytest.approx(record["test_accuracy"])
+    assert record["bytes_up"] == 2 * payload + wrong_shape  # good + NaN (same size) + wrong shape; none from raise
+    assert summary["bytes_up"] == record["bytes_up"] and summary["bytes_down"] == record["bytes_down"]
+    assert not models.has_reparameterized(models.build_from_spec(
+        json.loads((tmp_path / "fl" / "model.json").read_text())["spec"]))
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["finalize_max_abs_diff"] < 1e-4
+
+
+def test_too_few_valid_replies_stop_the_run_with_a_clear_message(tmp_path: Path) -> None:
+    raw = tiny_config(tmp_path, clients=2, rounds=1, min_train_nodes=2, fault_nodes={0: "raise"})
+    expected = r"round 1: only 1 valid replies \(1 failed, 0 dropped\).*min_train_nodes=2"
+    with pytest.raises(TooFewReplies, match=expected):
+        run_local(raw)
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    """FedAdam (server moments must be checkpointed), expand CL: 2 rounds straight == 1 round + resume."""
+    def raw_for(name: str, rounds: int, resume: bool) -> dict:
+        raw = tiny_config(tmp_path, strategy="fedadam", rounds=rounds, server_lr=0.01)
+        raw["compression"] = {"kind": "expand", "strategy": "cl", "rate": 2}
+        return {**raw, "name": name, "resume": resume}
+
+    straight = run_local(raw_for("straight", 2, False))
+    run_local(raw_for("killed", 1, False))
+    ckpts = list_checkpoints(tmp_path / "killed" / "checkpoints")
+    assert [p.name for p in ckpts] == ["round-0001.safetensors"]
+    assert any(k.startswith("m_t/") for k in latest_checkpoint(ckpts[0].parent).strategy_state)
+    resumed = run_local(raw_for("killed", 2, True))
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed["test_accuracy"] == straight["test_accuracy"]
+    assert resumed["bytes_up"] == straight["bytes_up"] and resumed["steps"] == 2
+
+
+# ------------------------------------------------------------------------------------------ checkpoint
+def test_checkpoint_round_trip_restores_rng_and_refuses_another_config(tmp_path: Path) -> None:
+    import random
+
+    cfg = config_from_dict(tiny_config(tmp_path))
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    rng = capture_rng()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    state = {"w": torch.randn(3, 2)}
+    for rnd in (1, 2, 3):
+        save_checkpoint(tmp_path / "ck", ServerCheckpoint(rnd, state, {"m_t/w": np.ones((3, 2), np.float32)},
+                                                          [{"round": rnd}], rng), cfg)
+    assert [p.name for p in list_checkpoints(tmp_path / "ck")] == ["round-0002.safetensors", "round-0003.safetensors"]
+    ckpt = latest_checkpoint(tmp_path / "ck", cfg)
+    assert ckpt.round == 3 and ckpt.history[-1] == {"round": 3} and torch.equal(ckpt.global_state["w"], state["w"])
+    from server.checkpoint import restore_rng
+
+    restore_rng(ckpt.rng)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    other = config_from_dict({**tiny_config(tmp_path), "model": {"name": "smallnet7"}})
+    with pytest.raises(ValueError, match="section 'model' differs"):
+        latest_checkpoint(tmp_path / "ck", other)
+
+
+# ------------------------------------------------------------------------------------------- flwr run
+def test_pyproject_registers_the_apps_and_run_config_resolves(tmp_path: Path) -> None:
+    from flwr.common.config import validate_config
+
+    pyproject = tomli.loads((REPO / "pyproject.toml").read_text())
+    ok, errors, _ = validate_config(pyproject, check_module=True, project_dir=REPO)
+    assert ok, errors
+    assert "federations" not in pyproject["tool"]["flwr"], "flwr 1.41 reads federations from $FLWR_HOME/config.toml"
+    run_config = dict(pyproject["tool"]["flwr"]["app"]["config"])
+    cfg = config_from_run_config(run_config)
+    assert cfg.engine.kind == "flower" and cfg.name == "flower-demo"
+    cfg = config_from_run_config({**run_config, "num-server-rounds": 7, "output": str(tmp_path),
+                                  "overrides": "engine.strategy=fedmedian train.lr=0.5"})
+    assert (cfg.engine.rounds, cfg.output, cfg.engine.strategy, cfg.train.lr) == (7, tmp_path, "fedmedian", 0.5)
+    with pytest.raises(ConfigError, match="not found"):
+        config_from_run_config({"config": "configs/nope.yaml"})
+    with pytest.raises(ConfigError, match="needs 'flower'"):
+        config_from_run_config({"config": "configs/demo.yaml"})
