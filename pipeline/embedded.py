@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import functools
 import io
+import json
+import os
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,32 @@ from PIL import Image
 
 from pipeline.cifar_format import CIFAR10_CLASSES, CifarArrays, DataError
 
-ASSET = Path(__file__).resolve().parent / "assets" / "cifar10_subset.npz"
+ASSET_NAME = "cifar10_subset.npz"
+ASSET = Path(__file__).resolve().parent / "assets" / ASSET_NAME
+ASSET_ENV = "COMPACTFL_EMBEDDED_DATA"
+
+
+def find_asset() -> Path:
+    """Where the embedded subset lies: beside this module, else ``$COMPACTFL_EMBEDDED_DATA``, else the
+    installed ``compactfl`` distribution (``flwr run`` ships only .py/.toml/.yaml/.json/.md files of the app,
+    so a Flower App Bundle carries the code without this binary asset)."""
+    candidates = [ASSET]
+    if os.environ.get(ASSET_ENV):
+        candidates.append(Path(os.environ[ASSET_ENV]))
+    try:
+        dist = metadata.distribution("compactfl")
+        candidates.append(Path(str(dist.locate_file(f"pipeline/assets/{ASSET_NAME}"))))
+        direct = dist.read_text("direct_url.json")  # editable installs point at the source checkout
+        if direct:
+            url = json.loads(direct).get("url", "")
+            if url.startswith("file://"):
+                candidates.append(Path(url[len("file://"):]) / "pipeline" / "assets" / ASSET_NAME)
+    except metadata.PackageNotFoundError:
+        pass
+    for path in candidates:
+        if path.is_file():
+            return path
+    return ASSET
 _KEYS = ("jpeg", "offsets", "labels", "train")
 
 
@@ -44,10 +72,10 @@ def _decoded(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return images, labels, train
 
 
-def load_embedded(split: str, path: Path = ASSET) -> CifarArrays:
+def load_embedded(split: str, path: Path | None = None) -> CifarArrays:
     """The ``train`` or ``test`` split of the embedded CIFAR-10 subset (decoded with Pillow, cached)."""
     if split not in ("train", "test"):
         raise DataError(f"split: expected 'train' or 'test', got {split!r}")
-    images, labels, train = _decoded(Path(path))
+    images, labels, train = _decoded(Path(path) if path is not None else find_asset())
     mask = train if split == "train" else ~train
     return CifarArrays(images[mask], labels[mask], 10, list(CIFAR10_CLASSES), "cifar10")

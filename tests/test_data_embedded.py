@@ -57,3 +57,18 @@ def test_asset_regenerates_byte_identically(shared_dir: Path, tmp_path: Path) ->
         off = src["offsets"]
         pixels = np.asarray(Image.open(io.BytesIO(src["jpeg"][off[idx[0]]:off[idx[0] + 1]].tobytes())).convert("RGB"))
     np.testing.assert_array_equal(load_embedded("train").images[0], pixels)
+
+
+def test_asset_found_outside_the_package(monkeypatch, tmp_path):
+    """A Flower App Bundle carries no .npz: the subset is then found via the env var or the installed dist."""
+    import shutil
+
+    from pipeline import embedded
+
+    copy = tmp_path / "subset.npz"
+    shutil.copy(ASSET, copy)
+    monkeypatch.setattr(embedded, "ASSET", tmp_path / "missing" / "cifar10_subset.npz")
+    monkeypatch.setenv(embedded.ASSET_ENV, str(copy))
+    assert embedded.find_asset() == copy
+    monkeypatch.delenv(embedded.ASSET_ENV)
+    assert embedded.find_asset() != copy  # falls through to the installed distribution (or the default path)
