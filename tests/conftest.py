@@ -14,6 +14,10 @@ SHARED = REPO.parent / "shared"
 CIFAR_SCRIPT = SHARED / "data" / "cifar10.py"
 
 
+# Tiny test tensors run 5-10x slower with 2 OpenMP threads on a busy 2-core box; one thread is also steadier.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
