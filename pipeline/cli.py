@@ -1,0 +1,285 @@
+"""The ``compactfl`` command line: run, inspect, export, report, nightly.
+
+Exit codes: 0 success, 1 a failed run or a nightly regression, 2 a usage error (bad config or override,
+missing data root, unknown model, bad arguments) reported as one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, RunConfig, load_config
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DATA_HINT = ("write CIFAR-10 there with: python ../shared/data/cifar10.py DIR "
+             "(or set data.root: null for the embedded subset)")
+
+
+class UsageError(ValueError):
+    """A problem with what the user asked for (exit code 2)."""
+
+
+# ------------------------------------------------------------------------------------------ preflight
+def preflight(cfg: RunConfig) -> None:
+    """Fail fast, before any training, on a missing data root, an unknown model or an unfit compression."""
+    from pipeline.modeling import build_compact_model, build_training_model
+
+    root = cfg.data.root
+    if root is not None:
+        if not Path(root).is_dir():
+            raise UsageError(f"data.root: folder {str(root)!r} does not exist; {DATA_HINT}")
+        from pipeline.data import DataError, load_split
+
+        try:
+            load_split(cfg.data, "test")  # validates the folder layout and files (cached for the run)
+        except DataError as exc:
+            raise UsageError(f"data.root: {_one_line(exc)}") from None
+    try:
+        build_compact_model(cfg)
+        if cfg.teacher is not None and cfg.teacher.model is not None:
+            import models
+
+            models.build(cfg.teacher.model.name, num_classes=cfg.data.num_classes, **cfg.teacher.model.kwargs)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"model: {_one_line(exc)}") from None
+    if cfg.compression.kind != "none":
+        try:
+            build_training_model(cfg)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"compression: {_one_line(exc)}") from None
+    if cfg.teacher is not None and cfg.teacher.checkpoint is not None and not Path(cfg.teacher.checkpoint).exists():
+        raise UsageError(f"teacher.checkpoint: {str(cfg.teacher.checkpoint)!r} does not exist "
+                         "(train the teacher first, e.g. compactfl run configs/wrn40_2_teacher.yaml)")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+# ----------------------------------------------------------------------------------------------- run
+def print_summary(summary: dict[str, Any]) -> None:
+    """The end-of-run table: train-time vs deploy-time params and MACs, accuracy, bytes, time."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.report import summary_rows
+
+    console = Console(width=max(100, Console().width))
+    console.print(f"[bold]compactfl run {summary.get('name')}[/]: {summary.get('engine')} engine, "
+                  f"{summary.get('model')}, compression {summary.get('compression')}, "
+                  f"distillation {summary.get('distill')}")
+    table = Table()
+    table.add_column("quantity")
+    table.add_column("train-time", justify="right")
+    table.add_column("deploy-time", justify="right")
+    for row in summary_rows(summary):
+        table.add_row(*row)
+    console.print(table)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``compactfl run [CONFIG] [--set k=v ...]``: prepare the run dir, train on the engine, finish."""
+    from pipeline.engines import run_engine
+    from pipeline.stages import prepare_run_dir
+
+    cfg = load_config(args.config, args.set)
+    preflight(cfg)
+    run_dir = prepare_run_dir(cfg)
+    summary = run_engine(cfg, run_dir)
+    print_summary(summary)
+    print(f"run dir: {run_dir}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------- inspect
+def parse_slice(text: str) -> tuple[int, int, int, int]:
+    """``16,16,3,3`` or ``16x16x3x3`` -> (16, 16, 3, 3)."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"--csg: slice shape {text!r} must be four integers like 16,16,3,3") from None
+    if len(shape) != 4 or min(shape) < 1:
+        raise UsageError(f"--csg: slice shape {text!r} must be four positive integers like 16,16,3,3")
+    return shape  # type: ignore[return-value]
+
+
+def inspect_rows(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """(label, model) pairs to count for ``inspect``: compact, train-time and deploy-time variants."""
+    import models
+
+    try:
+        net = models.build(args.model, num_classes=args.num_classes)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"model: {_one_line(exc)}") from None
+    rows: list[tuple[str, Any]] = [(f"{args.model} (compact)", net)]
+    if args.expand:
+        exp = models.expand(net, args.expand, rate=args.rate, mode="explicit")
+        rows += [(f"expanded {args.expand} r={args.rate:g} (train-time)", exp),
+                 ("contracted (deploy-time)", models.contract(exp))]
+    elif args.csg:
+        csg = models.csg_compress(net, slice_shape=parse_slice(args.csg), code_size=args.code_size,
+                                  binary=args.binary)
+        rows += [(f"csg {args.csg} n={args.code_size} (train-time)", csg),
+                 ("materialized (deploy-time)", models.materialize(csg))]
+    elif args.block:
+        rows += [(f"cheap {args.block} (train = deploy)", models.cheapen(net, block=args.block))]
+    return rows
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """``compactfl inspect MODEL [...]``: parameters and MACs of the compact/train-time/deploy-time nets."""
+    from rich.console import Console
+    from rich.table import Table
+
+    import models
+
+    if args.expand and args.rate is None:
+        raise UsageError("--expand needs --rate R (e.g. --rate 4)")
+    if args.csg and args.code_size is None:
+        raise UsageError("--csg needs --code-size N (e.g. --code-size 128)")
+    shape = (1, 3, args.image_size, args.image_size)
+    table = Table(title=f"compactfl inspect {args.model} ({args.num_classes} classes, input {shape})")
+    for col in ("model", "params", "params + BN stats", "MACs", "payload (fp32)"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    base_params = None
+    for label, m in inspect_rows(args):
+        params = models.count_params(m)
+        base_params = base_params or params
+        table.add_row(label, f"{params:,}", f"{models.count_params(m, include_buffers=True):,}",
+                      f"{models.count_macs(m, shape):,}", f"{models.payload_bytes(m):,} B")
+    Console(width=max(110, Console().width)).print(table)
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------- export/report
+def cmd_export(args: argparse.Namespace) -> int:
+    """``compactfl export RUN_DIR --onnx``: ONNX of the compact model, checked with onnxruntime."""
+    from pipeline.export import export_onnx
+
+    if not args.onnx:
+        raise UsageError("export: choose a format (--onnx)")
+    result = export_onnx(Path(args.run_dir), Path(args.out) if args.out else None, opset=args.opset)
+    print(f"wrote {result['path']} ({result['bytes']:,} bytes)")
+    if result.get("max_abs_diff") is not None:
+        print(f"onnxruntime check: max |onnx - torch| / logit scale = {result['max_abs_diff']:.3g} "
+              f"on {result['samples']} inputs")
+    else:
+        print("onnxruntime not installed: output not checked")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``compactfl report RUN_DIR...``: one comparison table (console + markdown) and one plot."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.report import COLUMN_TITLES, COMPARE_COLUMNS, _fmt_cell, compare_runs
+
+    run_dirs = [Path(d) for d in args.run_dirs]
+    out = Path(args.out) if args.out else (run_dirs[0].parent if len(run_dirs) > 1 else run_dirs[0])
+    try:
+        rows, md, png = compare_runs(run_dirs, out)
+    except ValueError as exc:
+        raise UsageError(_one_line(exc)) from None
+    table = Table(title="compactfl runs")
+    for c in COMPARE_COLUMNS:
+        table.add_column(COLUMN_TITLES.get(c, c), no_wrap=c == "name",
+                         justify="left" if c in ("name", "engine", "model", "compression", "distill") else "right")
+    for r in rows:
+        table.add_row(*[_fmt_cell(c, r[c]) for c in COMPARE_COLUMNS])
+    Console(width=max(180, Console().width)).print(table)
+    print(f"wrote {md} and {png}")
+    return EXIT_OK
+
+
+def cmd_nightly(args: argparse.Namespace) -> int:
+    """``compactfl nightly``: run the seeded suite, compare with the baseline, exit 1 on regressions."""
+    from pipeline.nightly import run_nightly
+
+    ok = run_nightly(suite=Path(args.suite), baseline=Path(args.baseline), output=Path(args.output),
+                     overrides=args.set, update_baseline=args.update_baseline, only=args.only)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+# -------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of all subcommands."""
+    p = argparse.ArgumentParser(prog="compactfl", description="Train compact CNNs locally, on Ray, or with Flower.")
+    p.add_argument("--quiet", "-q", action="store_true", help="only warnings and results on the console")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a config (default: the embedded demo)")
+    r.add_argument("config", nargs="?", default=None, help="YAML run config (default: configs/demo.yaml)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=0.1")
+    r.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS)
+    r.set_defaults(func=cmd_run)
+
+    i = sub.add_parser("inspect", help="params and MACs of a model and its compressed variants")
+    i.add_argument("model", help="registered model name, e.g. smallnet7, resnet56, wrn-40-2")
+    i.add_argument("--num-classes", type=int, default=10)
+    i.add_argument("--image-size", type=int, default=32)
+    g = i.add_mutually_exclusive_group()
+    g.add_argument("--expand", choices=["cl", "ck", "fc", "cl+fc", "ck+fc"], help="ExpandNets strategy")
+    g.add_argument("--csg", metavar="SLICE", help="CSG slice shape, e.g. 16,16,3,3")
+    g.add_argument("--block", metavar="SPEC", help="Moonshine cheap block, e.g. G(4) or B(2)")
+    i.add_argument("--rate", type=float, help="expansion rate for --expand")
+    i.add_argument("--code-size", type=int, help="CSG code size for --csg")
+    i.add_argument("--binary", action="store_true", help="binary (BCSG) generator for --csg")
+    i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("export", help="export a run's compact model")
+    e.add_argument("run_dir")
+    e.add_argument("--onnx", action="store_true", help="write ONNX and check it with onnxruntime")
+    e.add_argument("--out", help="output file (default: RUN_DIR/model.onnx)")
+    e.add_argument("--opset", type=int, default=18)
+    e.set_defaults(func=cmd_export)
+
+    rp = sub.add_parser("report", help="compare finished runs in one table and one plot")
+    rp.add_argument("run_dirs", nargs="+")
+    rp.add_argument("--out", help="folder for comparison.md/png (default: parent of the run dirs)")
+    rp.set_defaults(func=cmd_report)
+
+    n = sub.add_parser("nightly", help="seeded regression suite compared with a baseline")
+    n.add_argument("--suite", default="configs/nightly", help="folder of suite configs")
+    n.add_argument("--baseline", default="regression/baseline.json")
+    n.add_argument("--output", default="runs/nightly", help="folder for the suite's run dirs and reports")
+    n.add_argument("--update-baseline", action="store_true", help="write the measured metrics as the baseline")
+    n.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every suite run")
+    n.add_argument("--only", action="append", default=None, metavar="NAME", help="run only these suite entries")
+    n.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS)
+    n.set_defaults(func=cmd_nightly)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``compactfl`` console script; returns the exit code."""
+    from pipeline.logging_utils import detach_run_log, setup_console
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_console(quiet=args.quiet)
+    try:
+        return int(args.func(args))
+    except (ConfigError, UsageError) as exc:
+        print(f"compactfl: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as exc:
+        print(f"compactfl: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:
+        print(f"compactfl: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("compactfl: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        detach_run_log()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Engine dispatch (local | flower | ray) and the local engine: teacher -> train -> finish_run.
+
+The Flower and Ray engines live in their own modules and are imported lazily, so a local run needs
+neither Flower nor Ray to import. Every engine ends with :func:`pipeline.stages.finish_run`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.config import RunConfig
+from pipeline.logging_utils import get_logger, progress
+
+log = get_logger("engine")
+CHECKPOINT_DIR = "checkpoints"  # the local engine's per-epoch checkpoints (the Flower server uses the same name)
+
+
+def run_engine(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """Train ``cfg`` on its engine and finish the run in ``run_dir``; returns the run summary."""
+    kind = cfg.engine.kind
+    if kind == "local":
+        return run_local(cfg, run_dir)
+    if kind == "flower":
+        from pipeline.engine_flower import run_flower
+
+        return run_flower(cfg, run_dir)
+    if kind == "ray":
+        from pipeline.engine_ray import run_ray
+
+        return run_ray(cfg, run_dir)
+    raise ValueError(f"engine.kind: unknown engine {kind!r} (expected local, flower or ray)")
+
+
+def load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module | None:
+    """The frozen teacher of a distillation run (``pipeline.teacher.get_teacher``), or None."""
+    if cfg.teacher is None:
+        return None
+    if importlib.util.find_spec("pipeline.teacher") is None:
+        raise ValueError("teacher: this installation has no pipeline.teacher module to load/train a teacher")
+    from pipeline.teacher import get_teacher
+
+    return get_teacher(cfg, device)
+
+
+def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """What a resumed run must share with its checkpoint: seed, data, model, compression, distillation."""
+    dump = cfg.model_dump(mode="json")
+    return {k: dump[k] for k in ("seed", "data", "model", "compression", "distill")}
+
+
+def run_local(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """Single-process training with per-epoch test evaluation and per-epoch checkpoints (``resume: true``)."""
+    from pipeline.data import test_loader, train_loader
+    from pipeline.distill import build_loss
+    from pipeline.modeling import build_training_model
+    from pipeline.stages import finish_run
+    from pipeline.train import build_optimizer, build_scheduler, fit, resolve_device, seed_everything
+
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    teacher = load_teacher(cfg, device)
+    loss_fn = build_loss(cfg.distill, teacher)
+    model = build_training_model(cfg).to(device)
+    train_data = train_loader(cfg)
+    eval_loader = test_loader(cfg)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    fingerprint = run_fingerprint(cfg)
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    start_epoch, history = 0, []
+    if cfg.resume and has_checkpoint(ckpt_dir):
+        start_epoch, history = load_checkpoint(ckpt_dir, model, optimizer, fingerprint)
+        scheduler.last_epoch = start_epoch
+        log.info("resumed from %s after epoch %d", run_dir, start_epoch)
+    epochs = cfg.train.epochs
+    tick = {"t": time.perf_counter()}
+
+    def before_epoch(epoch: int) -> None:
+        tick["t"] = time.perf_counter()
+        if hasattr(train_data, "set_epoch"):  # seeded shuffling/augmentation continue exactly on resume
+            train_data.set_epoch(epoch)
+
+    with progress(epochs, "epoch", f"{cfg.name or 'run'} (local)", start=min(start_epoch, epochs)) as bar:
+        def on_epoch(epoch: int, record: dict[str, Any]) -> None:
+            record["seconds"] = time.perf_counter() - tick["t"]
+            history.append(record)
+            save_checkpoint(ckpt_dir, model, optimizer, epoch + 1, history, fingerprint)
+            bar.update(epoch + 1, record)
+
+        if start_epoch < epochs:
+            fit(model, train_data, cfg.train, loss_fn=loss_fn, device=device, test_loader=eval_loader,
+                optimizer=optimizer, scheduler=scheduler, start_epoch=start_epoch, on_epoch=on_epoch,
+                before_epoch=before_epoch)
+    return finish_run(cfg, model, history, run_dir,
+                      extra={"train_seconds": time.perf_counter() - started, "resumed_from_epoch": start_epoch})
