@@ -6,7 +6,11 @@ Public API (see DESIGN.md): ``build``, ``list_models``, ``expand``, ``contract``
 Nothing here imports Flower or Ray.
 """
 
+from models import cheap, csg, expandnets  # noqa: F401  (submodules: models.csg.load_generator, ...)
+from models.cheap import cheapen
 from models.counting import count_macs, count_params
+from models.csg import csg_compress, materialize
+from models.expandnets import contract, expand, init_from_expanded
 from models.finalize import finalize, has_reparameterized
 from models.registry import build, build_from_spec, list_models, model_spec, register
 from models.state import (
@@ -25,16 +29,3 @@ __all__ = [
     "trainable_state",
     "expand", "contract", "init_from_expanded", "csg_compress", "materialize", "cheapen",
 ]
-
-
-def __getattr__(name: str):
-    # Compression APIs live in their own modules; imported lazily so each lands independently.
-    if name in ("expand", "contract", "init_from_expanded"):
-        from models import expandnets as _m
-    elif name in ("csg_compress", "materialize"):
-        from models import csg as _m
-    elif name == "cheapen":
-        from models import cheap as _m
-    else:
-        raise AttributeError(f"module 'models' has no attribute {name!r}")
-    return getattr(_m, name)

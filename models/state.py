@@ -21,7 +21,8 @@ TRANSPORT_DTYPES: dict[str | None, torch.dtype | None] = {
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare module inside a DDP/DataParallel wrapper (so names carry no ``module.`` prefix)."""
-    return getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel) else model
+    wrapped = isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel)
+    return getattr(model, "module", model) if wrapped else model
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -56,6 +57,7 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
     Keys must match :func:`trainable_state` exactly; the first mismatch raises a ValueError naming the key.
     """
+    _check_layers(model, state)
     target = trainable_state(model)
     missing = [k for k in target if k not in state]
     extra = [k for k in state if k not in target]
@@ -74,6 +76,14 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
                 )
             dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
     _invalidate_caches(model)
+
+
+def _check_layers(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Let layers that know more (CSG: slice shapes) explain a mismatching state via ``check_state(state, prefix)``."""
+    for name, mod in unwrap(model).named_modules():
+        check = getattr(mod, "check_state", None)
+        if callable(check):
+            check(state, f"{name}." if name else "")
 
 
 def _invalidate_caches(model: nn.Module) -> None:
