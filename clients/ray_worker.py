@@ -1,0 +1,212 @@
+"""Ray Train per-worker function: the shared training loop under DDP, with counted/compressed gradient exchange.
+
+Every worker builds the same seeded training model (dense, CSG or expanded), loads its rank's shard of the
+training set (``DistributedSampler`` semantics, seeded, reshuffled per epoch), wraps the model in DDP through
+``ray.train.torch.prepare_model`` (gloo on CPU, NCCL on GPU) and runs :func:`pipeline.train.fit`. A DDP comm
+hook (:mod:`pipeline.comm_hooks`) counts, and optionally compresses, the gradient bytes of every step.
+
+After each epoch all ranks evaluate their shard of the test set, combine metrics with one allreduce, and call
+``ray.train.report``; rank 0 attaches a checkpoint (safetensors model + optimizer + RNG + epoch + history,
+written by :mod:`pipeline.checkpoint`). A restarted attempt resumes from ``ray.train.get_checkpoint()``.
+RNGs are re-seeded from (seed, rank, epoch) at every epoch start, so a resumed run draws the same
+augmentations as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from models.state import unwrap
+from pipeline.comm_hooks import CommStats, register_comm_hook
+from pipeline.config import RunConfig, config_from_dict
+
+FAULT_MARKER = "fault_injected_epoch_{epoch}"
+CHECKPOINT_DIR = "epoch_{epoch:04d}"
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The RNG seed of one rank in one epoch (distinct per rank, reproducible across restarts)."""
+    return (seed * 1_000_003 + epoch * 10_007 + rank) % 2**63
+
+
+def fault_rank(world_size: int) -> int:
+    """The rank that test-only fault injection kills (rank 1; rank 0 when training alone)."""
+    return min(1, world_size - 1)
+
+
+def maybe_inject_fault(cfg: RunConfig, rank: int, world_size: int, epoch: int, marker_dir: Path) -> None:
+    """TEST ONLY: kill this process once in epoch ``cfg.engine.fail_at_epoch`` (marker file: only once).
+
+    It first waits (up to a minute) until Ray has committed the previous epoch's checkpoint, so the
+    restarted attempt deterministically resumes from it (a report still queued in the dying worker group is
+    dropped by Ray Train).
+    """
+    target = cfg.engine.fail_at_epoch
+    if target is None or epoch + 1 != target or rank != fault_rank(world_size):
+        return
+    marker = Path(marker_dir) / FAULT_MARKER.format(epoch=target)
+    if marker.exists():
+        return
+    if target > 1:
+        wait_for_committed_checkpoint(Path(marker_dir), CHECKPOINT_DIR.format(epoch=target - 1))
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"rank {rank} killed itself in epoch {target} (engine.fail_at_epoch)\n")
+    print(f"[compactfl] fault injection: rank {rank} exits in epoch {target}", flush=True)
+    os._exit(1)
+
+
+def wait_for_committed_checkpoint(run_storage: Path, dir_name: str, timeout: float = 60.0) -> bool:
+    """Poll Ray Train's checkpoint-manager snapshot until its latest checkpoint is ``dir_name``."""
+    snapshot = run_storage / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+            if latest.get("checkpoint_dir_name") == dir_name:
+                return True
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def shard_loaders(cfg: RunConfig, rank: int, world_size: int) -> tuple[Any, Any]:
+    """(train loader over this rank's DistributedSampler shard, test loader over this rank's test shard).
+
+    The per-worker batch is ``train.batch_size // world_size``, so the global batch matches a local run.
+    """
+    from pipeline.data import dataset_for, make_test_loader, train_loader
+
+    per_worker = cfg.train.model_copy(update={"batch_size": max(1, cfg.train.batch_size // world_size)})
+    train = train_loader(cfg.model_copy(update={"train": per_worker}), rank=rank, world_size=world_size)
+    test_set = dataset_for(cfg.data, "test")
+    test_shard = test_set.subset(torch.arange(rank, len(test_set), world_size))
+    return train, make_test_loader(test_shard, cfg.train.eval_batch_size)
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum of ``values`` over all ranks (identity when not distributed)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def epoch_record(record: dict[str, Any], test: dict[str, float], comm: tuple[int, int], seconds: float,
+                 spec: str, world_size: int, device: torch.device) -> dict[str, Any]:
+    """Merge one rank's epoch record into global metrics (sums over ranks) plus this rank's comm counters."""
+    n = record["train_samples"]
+    m = test["test_samples"]
+    tl, ta, tn, el, ea, en = all_sum([record["train_loss"] * n, record["train_accuracy"] * n, n,
+                                      test["test_loss"] * m, test["test_accuracy"] * m, m], device)
+    bytes_sent, steps = comm
+    out = dict(record)
+    out.update({
+        "train_loss": tl / max(tn, 1), "train_accuracy": ta / max(tn, 1), "train_samples": int(tn),
+        "train_throughput": tn / record["train_seconds"] if record["train_seconds"] > 0 else 0.0,
+        "test_loss": el / max(en, 1), "test_accuracy": ea / max(en, 1), "test_samples": int(en),
+        "seconds": seconds, "bytes_allreduce": int(bytes_sent), "steps": int(steps),
+        "bytes_per_step": bytes_sent / steps if steps else 0.0,
+        "step_seconds": record["train_seconds"] / steps if steps else 0.0,
+        "comm": spec, "workers": world_size,
+    })
+    return out
+
+
+def progress_line(rec: dict[str, Any], epochs: int) -> str:
+    """One human line per epoch: loss, accuracy, throughput and gradient bytes exchanged."""
+    return (f"epoch {rec['epoch']}/{epochs}  loss {rec['train_loss']:.4f}  acc {rec['train_accuracy']:.4f}  "
+            f"test_acc {rec['test_accuracy']:.4f}  {rec['train_throughput']:.0f} samples/s  "
+            f"allreduce {rec['bytes_allreduce'] / 1e6:.3f} MB/rank ({rec['bytes_per_step'] / 1e3:.1f} kB/step "
+            f"x {rec['steps']}, comm={rec['comm']})")
+
+
+def save_ray_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+                        history: list[dict[str, Any]], fingerprint: dict[str, Any]) -> tuple[Any, str]:
+    """(ray.train.Checkpoint over a fresh temp dir, the temp dir) holding the state after ``epoch`` epochs."""
+    from ray.train import Checkpoint
+
+    from pipeline.checkpoint import save_checkpoint
+
+    tmp = tempfile.mkdtemp(prefix="compactfl-ckpt-")
+    save_checkpoint(Path(tmp), model, optimizer, epoch, history, fingerprint)
+    return Checkpoint.from_directory(tmp), tmp
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """The Ray Train ``train_loop_per_worker``: ``config = {"run": RunConfig dump, "marker_dir": str}``."""
+    import shutil
+
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.distill import build_loss
+    from pipeline.engines import load_teacher, run_fingerprint
+    from pipeline.modeling import build_training_model
+    from pipeline.train import build_optimizer, build_scheduler, evaluate, fit, seed_everything
+
+    cfg = config_from_dict(config["run"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.engine.use_gpu else torch.device("cpu")
+    seed_everything(epoch_seed(cfg.seed, rank, 0))
+
+    model = build_training_model(cfg).to(device)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    fingerprint = run_fingerprint(cfg)
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            start_epoch, history = load_checkpoint(Path(ckpt_dir), model, optimizer, fingerprint)
+        scheduler.last_epoch = start_epoch
+        if rank == 0:
+            print(f"[compactfl] resumed from checkpoint after epoch {start_epoch}", flush=True)
+
+    loss_fn = build_loss(cfg.distill, load_teacher(cfg, device))
+    train_loader, test_loader = shard_loaders(cfg, rank, world)
+    ddp = ray.train.torch.prepare_model(model, move_to_device=device,
+                                        parallel_strategy_kwargs={"forward_sync_buffers": False})
+    stats = (register_comm_hook(ddp, cfg.engine.comm, seed=cfg.seed)
+             if isinstance(ddp, nn.parallel.DistributedDataParallel) else CommStats(spec=cfg.engine.comm))
+    epochs = cfg.train.epochs
+    mark: dict[str, Any] = {}
+
+    def before_epoch(epoch: int) -> None:
+        train_loader.set_epoch(epoch)
+        seed_everything(epoch_seed(cfg.seed, rank, epoch))
+        maybe_inject_fault(cfg, rank, world, epoch, Path(config["marker_dir"]))
+        mark.update(t=time.perf_counter(), comm=stats.snapshot())
+
+    def on_epoch(epoch: int, record: dict[str, Any]) -> None:
+        b0, s0 = mark["comm"]
+        comm = (stats.bytes - b0, stats.steps - s0)
+        test = evaluate(unwrap(ddp), test_loader, device)
+        rec = epoch_record(record, test, comm, time.perf_counter() - mark["t"], cfg.engine.comm, world, device)
+        rec["start_epoch"] = start_epoch  # > 0: this epoch was trained by an attempt resumed from a checkpoint
+        rec["bytes_last_step"] = stats.last_step_bytes
+        history.append(rec)
+        if rank == 0:
+            print(f"[compactfl] {progress_line(rec, epochs)}", flush=True)
+            ckpt, tmp = save_ray_checkpoint(unwrap(ddp), optimizer, epoch + 1, history, fingerprint)
+            try:
+                ray.train.report(rec, checkpoint=ckpt, checkpoint_dir_name=CHECKPOINT_DIR.format(epoch=epoch + 1))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            ray.train.report(rec)
+
+    if start_epoch < epochs:
+        fit(ddp, train_loader, cfg.train, epochs=epochs, loss_fn=loss_fn, device=device, optimizer=optimizer,
+            scheduler=scheduler, start_epoch=start_epoch, on_epoch=on_epoch, before_epoch=before_epoch)
