@@ -67,8 +67,7 @@ def test_densenet_compresses_only_bottleneck_3x3() -> None:
 
 def test_mobilenetv2_first_pointwise_conv_of_each_block() -> None:
     net = models.build("mobilenetv2")
-    if getattr(net, "csg_pointwise_targets", None) is None:  # the architecture may declare it itself
-        net.csg_pointwise_targets = ("stages.*.expand_conv",)
+    assert net.csg_pointwise_targets == ("stages.*.expand_conv",)  # declared by the architecture
     expand = [(n, m) for n, m in net.named_modules() if n.endswith("expand_conv")]
     csg = models.csg_compress(net, slice_shape=(16, 16, 1, 1), code_size=16, include_pointwise=True)
     layers = csg_layers(csg)
