@@ -8,7 +8,6 @@ is therefore identical everywhere and never travels), loads the received global 
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import torch
@@ -42,8 +41,6 @@ def build_client_loss(cfg: RunConfig, device: torch.device):
 
     if cfg.distill.kind == "none" or cfg.teacher is None:
         return build_loss(cfg.distill, None)
-    if importlib.util.find_spec("pipeline.teacher") is None:
-        raise ValueError(f"distill.kind={cfg.distill.kind} needs pipeline.teacher, which is not installed")
     from pipeline.teacher import get_teacher
 
     return build_loss(cfg.distill, get_teacher(cfg, device))

@@ -59,6 +59,12 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
+    if cfg.distill.kind != "none" and cfg.teacher is not None and cfg.teacher.checkpoint is None:
+        # Train (or reuse) the teacher once, before any client asks for it: clients then load the saved copy
+        # instead of each training its own at the same time.
+        from pipeline.teacher import get_teacher
+
+        get_teacher(cfg, "cpu")
     seed_everything(cfg.seed)
     model = build_training_model(cfg)
     state = {k: v.detach().cpu().clone().float() for k, v in models.trainable_state(model).items()}

@@ -271,3 +271,21 @@ def test_pyproject_registers_the_apps_and_run_config_resolves(tmp_path: Path) ->
         config_from_run_config({"config": "configs/nope.yaml"})
     with pytest.raises(ConfigError, match="needs 'flower'"):
         config_from_run_config({"config": "configs/demo.yaml"})
+
+
+def test_a_teacher_to_train_is_trained_once_on_the_server_before_any_client(tmp_path: Path, monkeypatch) -> None:
+    """KD with ``teacher.model``: the server trains it before round 1; every client reuses the saved copy."""
+    import pipeline.teacher as teacher_mod
+    import server.runner as runner_mod
+
+    events = []
+    real_train, real_build = teacher_mod.train_teacher, runner_mod.build_training_model
+    monkeypatch.setattr(teacher_mod, "train_teacher", lambda *a, **k: events.append("teacher") or real_train(*a, **k))
+    monkeypatch.setattr(runner_mod, "build_training_model", lambda c: events.append("server") or real_build(c))
+    raw = tiny_config(tmp_path, rounds=1)
+    raw["teacher"] = {"model": {"name": "smallnet3"}, "train": {"epochs": 1, "batch_size": 32, "max_batches": 2}}
+    raw["distill"] = {"kind": "kd"}
+    summary = run_local(raw)
+    assert events == ["teacher", "server"]  # trained once, before the server starts round 1
+    assert (Path(tmp_path) / "fl" / "teacher" / "model.safetensors").is_file()
+    assert math.isfinite(summary["test_accuracy"])
