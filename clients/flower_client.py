@@ -38,9 +38,6 @@ def proximal_penalty(model: nn.Module, mu: float):
 def build_client_loss(cfg: RunConfig, device: torch.device):
     """CE, or KD/AT against the run's frozen teacher when the config asks for distillation."""
     from pipeline.distill import build_loss
-
-    if cfg.distill.kind == "none" or cfg.teacher is None:
-        return build_loss(cfg.distill, None)
     from pipeline.teacher import get_teacher
 
     return build_loss(cfg.distill, get_teacher(cfg, device))

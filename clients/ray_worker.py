@@ -151,8 +151,9 @@ def train_func(config: dict[str, Any]) -> None:
 
     from pipeline.checkpoint import load_checkpoint
     from pipeline.distill import build_loss
-    from pipeline.engines import load_teacher, run_fingerprint
+    from pipeline.engines import run_fingerprint
     from pipeline.modeling import build_training_model
+    from pipeline.teacher import get_teacher
     from pipeline.train import build_optimizer, build_scheduler, evaluate, fit, seed_everything
 
     cfg = config_from_dict(config["run"])
@@ -174,7 +175,7 @@ def train_func(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[compactfl] resumed from checkpoint after epoch {start_epoch}", flush=True)
 
-    loss_fn = build_loss(cfg.distill, load_teacher(cfg, device))
+    loss_fn = build_loss(cfg.distill, get_teacher(cfg, device))
     train_loader, test_loader = shard_loaders(cfg, rank, world)
     ddp = ray.train.torch.prepare_model(model, move_to_device=device,
                                         parallel_strategy_kwargs={"forward_sync_buffers": False})

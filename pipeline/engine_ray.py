@@ -170,16 +170,15 @@ def comm_totals(history: list[dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- run
 def run_ray(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """Train ``cfg`` on Ray Train workers, then finalise/evaluate/save through ``finish_run``; returns summary."""
-    from pipeline.engines import load_teacher
     from pipeline.stages import finish_run
+    from pipeline.teacher import get_teacher
 
     started = time.perf_counter()
     run_dir = Path(run_dir)
     if cfg.engine.kind != "ray":
         raise ValueError(f"engine.kind: run_ray needs 'ray', got {cfg.engine.kind!r}")
     cfg = absolute_config(cfg)
-    if cfg.teacher is not None and cfg.teacher.model is not None:
-        load_teacher(cfg, "cpu")  # train/save the teacher once; every worker then loads the saved copy
+    get_teacher(cfg, "cpu")  # train/save a teacher spec once; every worker then loads the saved copy
     started_here = connect(cfg)
     try:
         import ray.train

@@ -6,13 +6,9 @@ neither Flower nor Ray to import. Every engine ends with :func:`pipeline.stages.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
-from torch import nn
 
 from pipeline.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.config import RunConfig
@@ -38,17 +34,6 @@ def run_engine(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     raise ValueError(f"engine.kind: unknown engine {kind!r} (expected local, flower or ray)")
 
 
-def load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module | None:
-    """The frozen teacher of a distillation run (``pipeline.teacher.get_teacher``), or None."""
-    if cfg.teacher is None:
-        return None
-    if importlib.util.find_spec("pipeline.teacher") is None:
-        raise ValueError("teacher: this installation has no pipeline.teacher module to load/train a teacher")
-    from pipeline.teacher import get_teacher
-
-    return get_teacher(cfg, device)
-
-
 def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """What a resumed run must share with its checkpoint: seed, data, model, compression, distillation."""
     dump = cfg.model_dump(mode="json")
@@ -61,13 +46,14 @@ def run_local(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     from pipeline.distill import build_loss
     from pipeline.modeling import build_training_model
     from pipeline.stages import finish_run
+    from pipeline.teacher import get_teacher
     from pipeline.train import build_optimizer, build_scheduler, fit, resolve_device, seed_everything
 
     started = time.perf_counter()
     run_dir = Path(run_dir)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    teacher = load_teacher(cfg, device)
+    teacher = get_teacher(cfg, device)
     loss_fn = build_loss(cfg.distill, teacher)
     model = build_training_model(cfg).to(device)
     train_data = train_loader(cfg)

@@ -196,9 +196,10 @@ def _saved_teacher(cfg: RunConfig, out_dir: Path) -> nn.Module | None:
 
 # -------------------------------------------------------------------------------------------- entry
 def get_teacher(cfg: RunConfig, device: torch.device | str = "cpu") -> nn.Module | None:
-    """The frozen teacher of ``cfg`` (loaded, reused from the run dir, or trained), or None without one."""
+    """The frozen teacher of ``cfg`` (loaded, reused from the run dir, or trained); None when the run does not
+    distil (no teacher section, or ``distill.kind: none``), so no teacher is ever trained for nothing."""
     tc = cfg.teacher
-    if tc is None:
+    if tc is None or cfg.distill.kind == "none":
         return None
     if tc.cache_logits and cfg.data.augment:
         raise ValueError("teacher.cache_logits needs data.augment: false (augmented inputs change every epoch)")

@@ -53,18 +53,16 @@ def _metric(metrics: MetricRecord | None, key: str) -> float | None:
 def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """Train ``cfg.engine.rounds`` federated rounds (resuming when asked) and finish the run; returns summary."""
     from pipeline.stages import finish_run
+    from pipeline.teacher import get_teacher
 
     if cfg.engine.kind != "flower":
         raise ValueError(f"engine.kind must be 'flower' for the Flower ServerApp, got {cfg.engine.kind!r}")
     started = time.perf_counter()
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    if cfg.distill.kind != "none" and cfg.teacher is not None and cfg.teacher.checkpoint is None:
-        # Train (or reuse) the teacher once, before any client asks for it: clients then load the saved copy
-        # instead of each training its own at the same time.
-        from pipeline.teacher import get_teacher
-
-        get_teacher(cfg, "cpu")
+    # Train (or reuse) a teacher spec once, before any client asks for it: clients then load the saved copy
+    # instead of each training its own at the same time.
+    get_teacher(cfg, "cpu")
     seed_everything(cfg.seed)
     model = build_training_model(cfg)
     state = {k: v.detach().cpu().clone().float() for k, v in models.trainable_state(model).items()}

@@ -140,3 +140,11 @@ def test_train_teacher_then_reuse(tmp_path: Path, cifar10_root: Path, monkeypatc
     changed = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"train": None})})
     with pytest.raises(AssertionError, match="reused"):  # other teacher settings: retrain, not reuse
         get_teacher(changed, "cpu")
+
+
+def test_no_teacher_is_built_when_the_run_does_not_distil(tmp_path: Path) -> None:
+    """A teacher section with ``distill: none`` is inert: nothing is trained or saved."""
+    cfg = config_from_dict({"name": "plain", "output": str(tmp_path), "device": "cpu",
+                            "teacher": {"model": {"name": "smallnet3"}, "train": {"epochs": 1}}})
+    assert get_teacher(cfg, "cpu") is None
+    assert not (tmp_path / "plain" / "teacher").exists()
