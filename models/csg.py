@@ -35,7 +35,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from models.csg_layers import CSGConv2d, SliceGenerator, assemble
+from models.csg_layers import CSGConv2d, SliceGenerator
+from models.finalize import replace_reparameterized
 from models.state import unwrap
 
 GENERATOR_ATTR = "csg_generator"
@@ -133,14 +134,12 @@ def _new_generator(slice_shape: tuple[int, int, int, int], code_size: int, *, bi
     return gen
 
 
-def init_codes(layer: CSGConv2d, sq_norm: float | None = None) -> None:
+def init_codes(layer: CSGConv2d, sq_norm: float) -> None:
     """Draw ``layer.codes`` so its generated filters have Kaiming-normal variance 2 / fan_in (module docstring).
 
-    ``sq_norm`` (the generator's squared Frobenius norm) may be passed to avoid recomputing it per layer.
+    ``sq_norm`` is the generator's squared Frobenius norm, computed once per model by the caller.
     """
     g = layer.generator.weight.detach()
-    if sq_norm is None:
-        sq_norm = float(torch.linalg.vector_norm(g.double()) ** 2)
     if sq_norm == 0.0:
         raise ValueError("the CSG generator is all zeros: codes cannot reach Kaiming variance")
     std = math.sqrt(2.0 * g.shape[0] / (layer.fan_in * sq_norm))
@@ -185,25 +184,12 @@ def csg_compress(model: nn.Module, slice_shape: tuple[int, int, int, int] = (16,
 
 
 def materialize(csg_model: nn.Module) -> nn.Module:
-    """The plain architecture with the generated filters written in (a copy; one matmul for all layers)."""
-    out = copy.deepcopy(unwrap(csg_model))
-    layers = csg_layers(out)
-    if not layers:
-        return out
-    gen = layers[0][1].generator
-    with torch.no_grad():
-        flat = gen(torch.cat([m.codes for _, m in layers]))
-    start = 0
-    for name, layer in layers:
-        n = layer.codes.shape[0]
-        weight = assemble(flat[start:start + n], layer.out_channels, layer.in_channels, layer.slice_shape)
-        start += n
-        conv = layer.to_compact(weight)
-        conv.train(layer.training)
-        _replace(out, name, conv)
-    if hasattr(out, GENERATOR_ATTR):
-        delattr(out, GENERATOR_ATTR)
-    return out
+    """The plain architecture with the generated filters written in (a copy; the input is untouched).
+
+    The shared finalisation mechanism restricted to CSG layers: each becomes its ``to_compact()`` conv and the
+    model-level generator handle goes with them.
+    """
+    return replace_reparameterized(csg_model, predicate=lambda m: isinstance(m, CSGConv2d))
 
 
 def _generator_of(model_or_generator: nn.Module) -> SliceGenerator:

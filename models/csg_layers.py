@@ -184,18 +184,18 @@ class CSGConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self._current_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def to_compact(self, weight: torch.Tensor | None = None) -> nn.Conv2d:
-        """The plain nn.Conv2d with the generated filters (or ``weight``) written in, detached."""
+    def to_compact(self) -> nn.Conv2d:
+        """The plain nn.Conv2d with the generated filters written in, detached, in this layer's train mode."""
         ref = self.codes
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
                          padding=self.padding, dilation=self.dilation, groups=self.groups,
                          bias=self.bias is not None, padding_mode=self.padding_mode,
                          device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
-            conv.weight.copy_(self.generate() if weight is None else weight)
+            conv.weight.copy_(self.generate())
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
-        return conv
+        return conv.train(self.training)
 
     def check_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
         """Raise a ValueError naming both slice shapes if ``state`` holds codes from another slice shape."""
@@ -206,32 +206,21 @@ class CSGConv2d(nn.Module):
         if theirs == tuple(self.codes.shape):
             return
         mine = f"slice shape {_shape_str(self.slice_shape)} with code size {self.generator.code_size}"
-        saved = _find_suffix(state, "csg_generator.slice_shape")
+        # A travelling state carries no slice-shape metadata (only parameters and BN statistics): infer it.
         gen_w = _find_suffix(state, "csg_generator.weight")
-        if saved is not None:
-            shape = tuple(int(s) for s in torch.as_tensor(saved).flatten().tolist())
-            what = f"slice shape {_shape_str(shape)}"
+        rows = None if gen_w is None else int(gen_w.shape[0])
+        options = infer_slice_shapes(self.out_channels, self.in_channels, theirs[0], self.kernel_size, rows)
+        if len(options) == 1:
+            what = f"slice shape {_shape_str(options[0])}"
+        elif 1 < len(options) <= 4:
+            what = "slice shape one of " + ", ".join(_shape_str(o) for o in options)
         else:
-            rows = None if gen_w is None else int(gen_w.shape[0])
-            options = infer_slice_shapes(self.out_channels, self.in_channels, theirs[0], self.kernel_size, rows)
-            if len(options) == 1:
-                what = f"slice shape {_shape_str(options[0])}"
-            elif 1 < len(options) <= 4:
-                what = "slice shape one of " + ", ".join(_shape_str(o) for o in options)
-            else:
-                what = f"a slice shape giving {theirs[0]} slices for this {self.out_channels}x{self.in_channels} conv"
+            what = f"a slice shape giving {theirs[0]} slices for this {self.out_channels}x{self.in_channels} conv"
         raise ValueError(
             f"{key}: the state holds codes of shape {_shape_str(theirs)} ({what} with code size "
             f"{theirs[1] if len(theirs) > 1 else '?'}), but this model uses {mine} "
             f"(codes of shape {_shape_str(tuple(self.codes.shape))})"
         )
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:  # noqa: ANN001 - torch's signature
-        # torch hands each module only its own keys; a slice-shape mismatch is named by the generator's check.
-        self._cache = None
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -52,7 +52,6 @@ class WideResNet(FeatureNet):
             raise ValueError(f"wrn width must be >= 1, got {width}")
         spec = parse_block(block)
         n = (depth - 4) // 6
-        self.block_spec = str(spec)
         self.conv = nn.Conv2d(3, 16, 3, padding=1, bias=False)
         in_ch, groups = 16, []
         for gi, (ch, stride) in enumerate(((16 * width, 1), (32 * width, 2), (64 * width, 2))):

@@ -96,11 +96,7 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
                          "use another output/name or resume: false")
     tensors = safetensors.torch.load_file(str(run_dir / CKPT_TENSORS))
     model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-    model.load_state_dict(model_state, strict=True)
-    for mod in model.modules():
-        hook = getattr(mod, "invalidate_cache", None)
-        if callable(hook):
-            hook()
+    model.load_state_dict(model_state, strict=True)  # bumps parameter versions: CSG eval caches go stale
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     torch.set_rng_state(tensors["rng/torch"])
     kind, pos, has_gauss, cached = meta["numpy_rng"]
