@@ -8,13 +8,14 @@ is therefore identical everywhere and never travels), loads the received global 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 import models
+from clients.flower_codec import config_from_json, config_to_json
 from pipeline.config import RunConfig
 from pipeline.modeling import build_training_model
 from pipeline.train import evaluate, fit, resolve_device, seed_everything
@@ -38,9 +39,17 @@ def proximal_penalty(model: nn.Module, mu: float):
 def build_client_loss(cfg: RunConfig, device: torch.device):
     """CE, or KD/AT against the run's frozen teacher when the config asks for distillation."""
     from pipeline.distill import build_loss
+
+    return build_loss(cfg.distill, _process_teacher(config_to_json(cfg), str(device)))
+
+
+@functools.lru_cache(maxsize=2)
+def _process_teacher(cfg_json: str, device: str) -> nn.Module | None:
+    """The run's teacher, loaded once per client process (ClientApps are re-created per message, the process
+    is not): rounds reuse it instead of re-reading it, and a teacher logit cache survives across rounds."""
     from pipeline.teacher import get_teacher
 
-    return build_loss(cfg.distill, get_teacher(cfg, device))
+    return get_teacher(config_from_json(cfg_json), device)
 
 
 def inject_fault(state: dict[str, torch.Tensor], fault: str) -> dict[str, torch.Tensor]:
@@ -90,18 +99,11 @@ def local_train(cfg: RunConfig, global_state: dict[str, torch.Tensor], *, partit
     return state, metrics
 
 
-def test_shard_loader(cfg: RunConfig, partition_id: int, num_partitions: int) -> DataLoader:
-    """Every ``num_partitions``-th test sample starting at ``partition_id``: the shards cover the test set once."""
-    from pipeline.data import test_loader
-
-    full = test_loader(cfg)
-    shard = Subset(full.dataset, list(range(partition_id, len(full.dataset), num_partitions)))
-    return DataLoader(shard, batch_size=full.batch_size, shuffle=False)
-
-
 def local_evaluate(cfg: RunConfig, global_state: dict[str, torch.Tensor], *, partition_id: int,
                    num_partitions: int) -> dict[str, Any]:
     """Accuracy of the finalised (compact) global model on this client's shard of the test set."""
+    from pipeline.data import test_shard_loader
+
     device = resolve_device(cfg.device)
     model = build_training_model(cfg)
     models.load_trainable_state(model, global_state)

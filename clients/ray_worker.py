@@ -84,13 +84,11 @@ def shard_loaders(cfg: RunConfig, rank: int, world_size: int) -> tuple[Any, Any]
 
     The per-worker batch is ``train.batch_size // world_size``, so the global batch matches a local run.
     """
-    from pipeline.data import dataset_for, make_test_loader, train_loader
+    from pipeline.data import test_shard_loader, train_loader
 
     per_worker = cfg.train.model_copy(update={"batch_size": max(1, cfg.train.batch_size // world_size)})
     train = train_loader(cfg.model_copy(update={"train": per_worker}), rank=rank, world_size=world_size)
-    test_set = dataset_for(cfg.data, "test")
-    test_shard = test_set.subset(torch.arange(rank, len(test_set), world_size))
-    return train, make_test_loader(test_shard, cfg.train.eval_batch_size)
+    return train, test_shard_loader(cfg, rank, world_size)
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:

@@ -15,6 +15,7 @@ import functools
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import DistributedSampler
 
 from pipeline.cifar_format import CifarArrays, DataError, read_split, safe_unpickle
@@ -128,3 +129,12 @@ def test_loader(cfg: RunConfig) -> CifarLoader:
 
 
 test_loader.__test__ = False  # type: ignore[attr-defined]  # keep pytest from collecting it when imported
+
+
+def test_shard_loader(cfg: RunConfig, shard: int, num_shards: int) -> CifarLoader:
+    """Every ``num_shards``-th test sample from ``shard`` on (the shards cover the test set exactly once)."""
+    test_set = dataset_for(cfg.data, "test")
+    return make_test_loader(test_set.subset(torch.arange(shard, len(test_set), num_shards)), cfg.train.eval_batch_size)
+
+
+test_shard_loader.__test__ = False  # type: ignore[attr-defined]

@@ -124,3 +124,18 @@ def test_config_loaders(cfg: RunConfig) -> None:
     assert dataset_for(cfg.data, "train") is dataset_for(cfg.data.model_copy(), "train")  # cached per process
     ranks = [train_loader(cfg, rank=r, world_size=2) for r in range(2)]
     assert sum(len(_epoch(ld)[0]) for ld in ranks) == 600
+
+
+def test_test_shards_cover_the_test_set_exactly_once_on_the_batched_path() -> None:
+    from pipeline.config import config_from_dict
+    from pipeline.data import test_loader, test_shard_loader
+    from pipeline.loaders import CifarLoader
+
+    cfg = config_from_dict({"data": {"test_limit": 50}, "train": {"eval_batch_size": 8}})
+    full = torch.cat([x for x, _ in test_loader(cfg)])
+    shards = [test_shard_loader(cfg, k, 3) for k in range(3)]
+    assert all(isinstance(s, CifarLoader) for s in shards)
+    parts = [torch.cat([x for x, _ in s]) for s in shards]
+    assert sum(len(p) for p in parts) == len(full) == 50
+    for k, part in enumerate(parts):
+        torch.testing.assert_close(part, full[k::3])
