@@ -112,19 +112,20 @@ def train_epoch(
         loss, logits = loss_fn(model, x, y)
         if penalty is not None:
             loss = loss + penalty(model)
-        if not torch.isfinite(loss):
-            raise ValueError(f"training diverged: loss is {loss.item()} at batch {step} (lower train.lr?)")
+        value = loss.item()  # the step's one host sync on the loss
+        if not math.isfinite(value):
+            raise ValueError(f"training diverged: loss is {value} at batch {step} (lower train.lr?)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         n = y.shape[0]
-        total_loss += loss.item() * n
+        total_loss += value * n
         correct += (logits.argmax(1) == y).sum().item()
         seen += n
         if on_step is not None:
-            on_step(step, loss.item())
+            on_step(step, value)
     seconds = time.perf_counter() - start
     return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1), seen, seconds)
 

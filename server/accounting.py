@@ -50,9 +50,3 @@ class ByteLedger:
         """The bytes keys of one round's history record."""
         return self.rounds[server_round].summary()
 
-
-def totals(history: list[dict[str, Any]]) -> dict[str, int]:
-    """Run totals of the per-round byte counts in ``history``."""
-    up = sum(int(r.get("bytes_up", 0)) for r in history)
-    down = sum(int(r.get("bytes_down", 0)) for r in history)
-    return {"bytes_up": up, "bytes_down": down, "bytes_total_flower": up + down}

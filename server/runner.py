@@ -21,7 +21,6 @@ from clients.flower_codec import CONFIG_KEY, config_to_json, decode_record, to_n
 from pipeline.config import RunConfig
 from pipeline.modeling import build_training_model
 from pipeline.train import evaluate, resolve_device, seed_everything
-from server import accounting
 from server.checkpoint import ServerCheckpoint, capture_rng, latest_checkpoint, restore_rng, save_checkpoint
 from server.loop import run_rounds
 from server.strategies import build_strategy
@@ -83,7 +82,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             strategy.load_state_arrays(ckpt.strategy_state)
             restore_rng(ckpt.rng)
             log.info("resume: continuing after round %d from %s", ckpt.round, ckpt_dir)
-    train_config = ConfigRecord({CONFIG_KEY: config_to_json(cfg)})
+    round_config = ConfigRecord({CONFIG_KEY: config_to_json(cfg)})  # what every train/evaluate message carries
 
     def on_round(rnd: int, arrays: ArrayRecord, train_m: MetricRecord | None, eval_m: MetricRecord | None,
                  seconds: float) -> None:
@@ -106,10 +105,9 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     final = to_numpy_record(state)
     if first_round <= cfg.engine.rounds:
         final = run_rounds(strategy, grid, final, first_round=first_round, last_round=cfg.engine.rounds,
-                           timeout=cfg.engine.round_timeout, train_config=train_config,
-                           evaluate_config=ConfigRecord({CONFIG_KEY: config_to_json(cfg)}), on_round=on_round)
+                           timeout=cfg.engine.round_timeout, config=round_config, on_round=on_round)
     models.load_trainable_state(model, decode_record(final))
-    extra = {**accounting.totals(history), "rounds": len(history), "clients": cfg.engine.clients,
+    extra = {"rounds": len(history), "clients": cfg.engine.clients,
              "strategy": cfg.engine.strategy, "transport_dtype": cfg.engine.transport_dtype,
              "payload_bytes_up_per_client": history[-1]["bytes_up_per_client"] if history else 0,
              "flower_seconds": time.perf_counter() - started}

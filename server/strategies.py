@@ -30,7 +30,7 @@ from server.validation import ArraySpec, check_reply, expected_layout
 
 log = logging.getLogger("compactfl.server")
 #: numpy-valued strategy attributes that carry state across rounds (checkpointed).
-STATE_ATTRS = ("m_t", "v_t", "momentum_vector")
+STATE_ATTRS = ("m_t", "v_t")
 
 
 class TooFewReplies(RuntimeError):
