@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 import models
 from pipeline.config import DataConfig
 from pipeline.data import ImageDataset, load_split, make_train_loader
-from pipeline.embedded import ASSET, _decoded
-from pipeline.transforms import normalize, stats_for
+from pipeline.data.embedded import ASSET, _decoded
+from pipeline.data.transforms import normalize, stats_for
 
 
 class PerSampleBaseline(Dataset):

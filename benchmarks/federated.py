@@ -2,10 +2,10 @@
 
 SmallNet-7, N clients on a Dirichlet(alpha) split, R rounds of FedAvg with E local epochs. For every variant
 the real ServerApp body and ClientApp run through ``LocalGrid`` (Flower messages in-process; the Ray
-simulation computes bit-identical weights, see tests/test_flower_sim.py) and we report the accuracy of the
+simulation computes bit-identical weights, see tests/engines/test_flower_sim.py) and we report the accuracy of the
 deployed compact model after R rounds and the bytes measured on the ArrayRecord payloads. Then, for the
 dense variant, the same training runs three ways:
-  flower-ray  : ``pipeline.engine_flower.run_flower`` (Flower simulation runtime, Ray actors)
+  flower-ray  : ``pipeline.engines.flower.run_flower`` (Flower simulation runtime, Ray actors)
   flower-local: the ServerApp/ClientApp over ``LocalGrid`` (Flower messages, no Ray)
   plain loop  : an in-process FedAvg loop calling the same ``local_train`` and averaging tensors
 and the wall-time ratios are Flower's orchestration overhead (with and without Ray start-up).
@@ -101,7 +101,7 @@ def run_variants(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
 
 def overhead(args: argparse.Namespace, out: Path, local_row: dict[str, Any] | None) -> dict[str, float]:
     """Wall time of the dense variant under the Ray simulation, LocalGrid and a plain loop."""
-    from pipeline.engine_flower import run_flower
+    from pipeline.engines.flower import run_flower
 
     cfg = make_config(args, "dense", out)
     plain_rounds, plain_total, plain_eval = plain_fedavg(cfg)

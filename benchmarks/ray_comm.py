@@ -69,7 +69,7 @@ def measure(names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     import ray
 
     from pipeline.config import config_from_dict
-    from pipeline.engine_ray import run_ray
+    from pipeline.engines.ray import run_ray
     from pipeline.stages import prepare_run_dir
 
     root = data_root(args.data_root, args.per_class_train, args.per_class_test)

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.flower_client import local_evaluate, local_train
-from clients.flower_codec import CONFIG_KEY, config_from_json, decode_record, encode_state, record_nbytes
+from pipeline.transport.wire import CONFIG_KEY, config_from_json, decode_record, encode_state, record_nbytes
 
 app = ClientApp()
 

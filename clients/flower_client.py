@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 import models
-from clients.flower_codec import config_from_json, config_to_json
 from pipeline.config import RunConfig
 from pipeline.modeling import build_training_model
 from pipeline.train import evaluate, fit, resolve_device, seed_everything
+from pipeline.transport.wire import config_from_json, config_to_json
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:

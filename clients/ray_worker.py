@@ -3,7 +3,7 @@
 Every worker builds the same seeded training model (dense, CSG or expanded), loads its rank's shard of the
 training set (``DistributedSampler`` semantics, seeded, reshuffled per epoch), wraps the model in DDP through
 ``ray.train.torch.prepare_model`` (gloo on CPU, NCCL on GPU) and runs :func:`pipeline.train.fit`. A DDP comm
-hook (:mod:`pipeline.comm_hooks`) counts, and optionally compresses, the gradient bytes of every step.
+hook (:mod:`pipeline.transport.ddp_hooks`) counts, and optionally compresses, the gradient bytes of every step.
 
 After each epoch all ranks evaluate their shard of the test set, combine metrics with one allreduce, and call
 ``ray.train.report``; rank 0 attaches a checkpoint (safetensors model + optimizer + RNG + epoch + history,
@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch import nn
 
 from models.state import unwrap
-from pipeline.comm_hooks import CommStats, register_comm_hook
 from pipeline.config import RunConfig, config_from_dict
+from pipeline.transport.ddp_hooks import CommStats, register_comm_hook
 
 FAULT_MARKER = "fault_injected_epoch_{epoch}"
 CHECKPOINT_DIR = "epoch_{epoch:04d}"

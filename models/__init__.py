@@ -1,6 +1,6 @@
 """compactfl models: pure PyTorch architectures, ExpandNets expansion/contraction, CSG, counting, state.
 
-Public API (see DESIGN.md): ``build``, ``list_models``, ``expand``, ``contract``, ``init_from_expanded``,
+Public API (README "Python API"): ``build``, ``list_models``, ``expand``, ``contract``, ``init_from_expanded``,
 ``csg_compress``, ``materialize``, ``cheapen``, ``finalize``, ``count_params``, ``count_macs``,
 ``trainable_state``, ``load_trainable_state``, ``payload_bytes``, ``model_spec``, ``build_from_spec``.
 Nothing here imports Flower or Ray.
@@ -15,7 +15,6 @@ from models.finalize import finalize, has_reparameterized
 from models.registry import build, build_from_spec, list_models, model_spec, register
 from models.state import (
     cast_state,
-    deserialize_state,
     load_trainable_state,
     payload_bytes,
     serialize_state,
@@ -25,7 +24,7 @@ from models.state import (
 __all__ = [
     "build", "build_from_spec", "list_models", "model_spec", "register",
     "count_macs", "count_params", "finalize", "has_reparameterized",
-    "cast_state", "deserialize_state", "load_trainable_state", "payload_bytes", "serialize_state",
+    "cast_state", "load_trainable_state", "payload_bytes", "serialize_state",
     "trainable_state",
     "expand", "contract", "init_from_expanded", "csg_compress", "materialize", "cheapen",
 ]

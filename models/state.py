@@ -100,11 +100,6 @@ def serialize_state(state: dict[str, torch.Tensor], dtype: str | None = None) ->
     return safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in cast.items()})
 
 
-def deserialize_state(blob: bytes) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`serialize_state` (safetensors: no code execution on load)."""
-    return safetensors.torch.load(blob)
-
-
 def payload_bytes(model: nn.Module, dtype: str | None = None) -> int:
     """Bytes of ``trainable_state(model)`` serialized for transport, optionally cast to bf16/fp16."""
     return len(serialize_state(trainable_state(model), dtype))

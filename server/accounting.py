@@ -1,7 +1,7 @@
 """Communication accounting: bytes down and up per client per round, measured on the ArrayRecord payloads.
 
 The strategy records the size of every ArrayRecord it sends and every one it receives (dropped replies
-included: their bytes did travel). Sizes are the serialized array buffers (``clients.flower_codec.
+included: their bytes did travel). Sizes are the serialized array buffers (``pipeline.transport.wire.
 record_nbytes``), i.e. what actually crosses the wire, not an estimate from parameter counts.
 """
 

@@ -1,7 +1,7 @@
 """The ServerApp's body: federated rounds with centralised evaluation, checkpoints, resume and final outputs.
 
 ``run_server(grid, cfg, run_dir)`` is shared by ``flwr run .`` (``server.app``) and the pipeline's flower
-engine (``pipeline.engine_flower``), so both produce the same run dir for the same config and seed.
+engine (``pipeline.engines.flower``), so both produce the same run dir for the same config and seed.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from flwr.serverapp import Grid
 from torch import nn
 
 import models
-from clients.flower_codec import CONFIG_KEY, config_to_json, decode_record, to_numpy_record
 from pipeline.config import RunConfig
 from pipeline.modeling import build_training_model
 from pipeline.train import evaluate, resolve_device, seed_everything
+from pipeline.transport.wire import CONFIG_KEY, config_to_json, decode_record, to_numpy_record
 from server.checkpoint import ServerCheckpoint, capture_rng, latest_checkpoint, restore_rng, save_checkpoint
 from server.loop import run_rounds
 from server.strategies import build_strategy
@@ -49,6 +49,14 @@ def _metric(metrics: MetricRecord | None, key: str) -> float | None:
     return float(metrics[key]) if metrics is not None and key in metrics else None
 
 
+def log_partitions(cfg: RunConfig) -> None:
+    """Log each simulated client's class counts (run.log), so a skewed split is visible next to the results."""
+    from pipeline.data import partition_table
+
+    log.info("training partitions (%s, %d clients):\n%s", cfg.data.partition.kind, cfg.engine.clients,
+             partition_table(cfg, cfg.engine.clients))
+
+
 def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """Train ``cfg.engine.rounds`` federated rounds (resuming when asked) and finish the run; returns summary."""
     from pipeline.stages import finish_run
@@ -73,6 +81,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         log.info("the federation has %d nodes now, engine.clients=%d: partitions follow each node's "
                  "num-partitions", nodes, cfg.engine.clients)
     evaluator = CentralEvaluator(cfg, model)
+    log_partitions(cfg)
     if cfg.resume:
         ckpt = latest_checkpoint(ckpt_dir, cfg)
         if ckpt is None:

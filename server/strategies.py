@@ -23,8 +23,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 
-from clients.flower_codec import decode_record, encode_state, record_nbytes, to_numpy_record
 from pipeline.config import RunConfig
+from pipeline.transport.wire import decode_record, encode_state, record_nbytes, to_numpy_record
 from server.accounting import ByteLedger
 from server.validation import ArraySpec, check_reply, expected_layout
 

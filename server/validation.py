@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from clients.flower_codec import WIRE_DTYPES, decode_array
+from pipeline.transport.wire import WIRE_DTYPES, decode_array
 
 WEIGHT_KEY = "num-examples"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.cifar_format import DataError
 from pipeline.config import PartitionConfig
+from pipeline.data.formats import DataError
 
 MAX_DIRICHLET_TRIES = 10_000
 

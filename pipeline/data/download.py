@@ -7,7 +7,7 @@ import tarfile
 import urllib.request
 from pathlib import Path
 
-from pipeline.cifar_format import FOLDERS, SPLIT_FILES, DataError
+from pipeline.data.formats import FOLDERS, SPLIT_FILES, DataError
 
 ARCHIVES = {
     "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),

@@ -1,7 +1,7 @@
 """Regenerate the embedded CIFAR-10 subset ``pipeline/assets/cifar10_subset.npz`` (deterministic, byte-exact).
 
-    python -m pipeline.make_embedded                      # 500 train + 100 test images per class
-    python -m pipeline.make_embedded --source ../shared/data/cifar10-jpeg.npz --out /tmp/x.npz
+    python -m pipeline.data.make_embedded                      # 500 train + 100 test images per class
+    python -m pipeline.data.make_embedded --source ../shared/data/cifar10-jpeg.npz --out /tmp/x.npz
 
 It copies the ORIGINAL JPEG bytes of the first N train / M test images of each class from the shared
 ``cifar10-jpeg.npz`` (no re-encoding), puts each split in a fixed shuffled order (seed 0, so
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "cifar10-jpeg.npz"
-DEFAULT_OUT = Path(__file__).resolve().parent / "assets" / "cifar10_subset.npz"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "cifar10_subset.npz"
 
 
 def select(labels: np.ndarray, train: np.ndarray, per_class_train: int, per_class_test: int,

@@ -97,3 +97,13 @@ def test_partition_summary_and_table() -> None:
     table = format_partition_summary(counts, ["a", "b", "c"]).splitlines()
     assert table[0] == "| client | a | b | c | total | entropy (bits) |"
     assert table[3] == "| 1 | 1 | 0 | 3 | 4 | 0.81 |"
+
+
+def test_partition_table_of_a_run_config_counts_every_training_sample() -> None:
+    from pipeline.config import config_from_dict
+    from pipeline.data import partition_table
+
+    cfg = config_from_dict({"data": {"train_limit": 300, "partition": {"kind": "dirichlet", "alpha": 0.5}}})
+    rows = [r for r in partition_table(cfg, 4).splitlines() if r.startswith("| ") and r[2].isdigit()]
+    assert len(rows) == 4
+    assert sum(int(r.split("|")[-3]) for r in rows) == 300

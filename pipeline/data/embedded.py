@@ -1,6 +1,6 @@
 """The embedded default data: a real CIFAR-10 subset shipped as JPEG bytes in ``pipeline/assets/``.
 
-``cifar10_subset.npz`` (made by ``python -m pipeline.make_embedded``) holds 500 train + 100 test images per
+``cifar10_subset.npz`` (made by ``python -m pipeline.data.make_embedded``) holds 500 train + 100 test images per
 class as the original JPEG files of the shared CIFAR-10 copy. It is a demo/test subset, not the full data
 set. Decoding takes a fraction of a second and is cached per process (Flower re-creates ClientApps per
 message; the pixels are decoded once).
@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.cifar_format import CIFAR10_CLASSES, CifarArrays, DataError
+from pipeline.data.formats import CIFAR10_CLASSES, CifarArrays, DataError
 
 ASSET_NAME = "cifar10_subset.npz"
-ASSET = Path(__file__).resolve().parent / "assets" / ASSET_NAME
+ASSET = Path(__file__).resolve().parents[1] / "assets" / ASSET_NAME
 ASSET_ENV = "COMPACTFL_EMBEDDED_DATA"
 
 
@@ -53,7 +53,7 @@ _KEYS = ("jpeg", "offsets", "labels", "train")
 def _decoded(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images uint8 NHWC, labels int64, train mask) of the whole asset, decoded once per process."""
     if not path.is_file():
-        raise DataError(f"{path}: embedded CIFAR-10 subset missing (regenerate: python -m pipeline.make_embedded)")
+        raise DataError(f"{path}: embedded CIFAR-10 subset missing (regenerate: python -m pipeline.data.make_embedded)")
     try:
         with np.load(path, allow_pickle=False) as z:
             jpeg, offsets, labels, train = (z[k] for k in _KEYS)

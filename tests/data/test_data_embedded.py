@@ -12,8 +12,8 @@ from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.data import DataError, load_embedded, load_split
-from pipeline.embedded import ASSET, _decoded
-from pipeline.make_embedded import build
+from pipeline.data.embedded import ASSET, _decoded
+from pipeline.data.make_embedded import build
 
 
 def test_asset_is_small_and_pickle_free() -> None:
@@ -39,7 +39,7 @@ def test_embedded_counts_balance_and_realism() -> None:
 
 
 def test_embedded_missing_asset_and_bad_split(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="embedded CIFAR-10 subset missing .*python -m pipeline.make_embedded"):
+    with pytest.raises(DataError, match="embedded CIFAR-10 subset missing .*python -m pipeline.data.make_embedded"):
         load_embedded("train", tmp_path / "none.npz")
     with pytest.raises(DataError, match="split: expected 'train' or 'test'"):
         load_embedded("val")
@@ -63,7 +63,7 @@ def test_asset_found_outside_the_package(monkeypatch, tmp_path):
     """A Flower App Bundle carries no .npz: the subset is then found via the env var or the installed dist."""
     import shutil
 
-    from pipeline import embedded
+    from pipeline.data import embedded
 
     copy = tmp_path / "subset.npz"
     shutil.copy(ASSET, copy)

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import ConfigError, config_from_dict, default_config_path, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 

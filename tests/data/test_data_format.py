@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cifar_format import read_split
 from pipeline.config import DataConfig
 from pipeline.data import DataError, download, load_cifar, load_split
+from pipeline.data.formats import read_split
 
 
 def _raw(path: Path) -> dict:

@@ -13,9 +13,9 @@ import yaml
 
 from clients.ray_worker import epoch_seed, fault_rank, progress_line, wait_for_committed_checkpoint
 from pipeline.config import config_from_dict
-from pipeline.engine_ray import absolute_config, address_reachable, comm_totals, resolve_address, storage_dir
+from pipeline.engines.ray import absolute_config, address_reachable, comm_totals, resolve_address, storage_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_cluster_yaml_passes_rays_own_validation() -> None:

@@ -20,7 +20,7 @@ from pipeline.data import (
     test_loader,
     train_loader,
 )
-from pipeline.transforms import normalize, stats_for
+from pipeline.data.transforms import normalize, stats_for
 
 
 def _id_dataset(n: int = 50) -> ImageDataset:
@@ -129,7 +129,7 @@ def test_config_loaders(cfg: RunConfig) -> None:
 def test_test_shards_cover_the_test_set_exactly_once_on_the_batched_path() -> None:
     from pipeline.config import config_from_dict
     from pipeline.data import test_loader, test_shard_loader
-    from pipeline.loaders import CifarLoader
+    from pipeline.data.loaders import CifarLoader
 
     cfg = config_from_dict({"data": {"test_limit": 50}, "train": {"eval_batch_size": 8}})
     full = torch.cat([x for x, _ in test_loader(cfg)])

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.comm_hooks import CommStats, expected_dense_bytes, parse_comm, register_comm_hook
+from pipeline.transport.ddp_hooks import CommStats, expected_dense_bytes, parse_comm, register_comm_hook
 
 STEPS = 3
 CASES = [("dense", "none"), ("dense", "fp16"), ("dense", "bf16"), ("dense", "powersgd(2)"), ("csg", "none"),

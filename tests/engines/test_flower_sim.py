@@ -19,11 +19,11 @@ import pytest
 import safetensors.torch
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import json, sys
 from pipeline.config import config_from_dict
-from pipeline.engine_flower import run_flower
+from pipeline.engines.flower import run_flower
 cfg = config_from_dict(json.loads(sys.argv[1]))
 summary = run_flower(cfg, cfg.run_dir)
 print("SUMMARY " + json.dumps({k: summary[k] for k in ("test_accuracy", "bytes_up", "bytes_down", "steps")}))

@@ -3,7 +3,7 @@ collide): dense / CSG / expanded runs, a killed worker that is restarted, a resu
 paths users take (``ray job submit`` to a ``ray start --head`` on loopback, and ``ray up`` + ``ray submit``
 over SSH to 127.0.0.1). Every test stops what it started by process id.
 
-Run this file as a script (``python tests/test_ray_e2e.py OUT_DIR``) to execute the engine scenarios alone.
+Run this file as a script (``python tests/engines/test_ray_e2e.py OUT_DIR``) to execute the engine scenarios alone.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 RAY = str(Path(PYTHON).parent / "ray")
 pytestmark = pytest.mark.slow
@@ -58,7 +58,7 @@ def run_scenarios(out: Path) -> dict[str, Any]:
     import ray
 
     from pipeline.config import config_from_dict
-    from pipeline.engine_ray import run_ray
+    from pipeline.engines.ray import run_ray
     from pipeline.stages import prepare_run_dir
 
     temp = tempfile.mkdtemp(prefix="cfr", dir="/tmp")

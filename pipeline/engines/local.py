@@ -1,8 +1,4 @@
-"""Engine dispatch (local | flower | ray) and the local engine: teacher -> train -> finish_run.
-
-The Flower and Ray engines live in their own modules and are imported lazily, so a local run needs
-neither Flower nor Ray to import. Every engine ends with :func:`pipeline.stages.finish_run`.
-"""
+"""The local engine: one process, teacher -> train -> finish_run, with per-epoch checkpoints and resume."""
 
 from __future__ import annotations
 
@@ -12,32 +8,11 @@ from typing import Any
 
 from pipeline.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.config import RunConfig
+from pipeline.engines import run_fingerprint
 from pipeline.logging_utils import get_logger, progress
 
 log = get_logger("engine")
 CHECKPOINT_DIR = "checkpoints"  # the local engine's per-epoch checkpoints (the Flower server uses the same name)
-
-
-def run_engine(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
-    """Train ``cfg`` on its engine and finish the run in ``run_dir``; returns the run summary."""
-    kind = cfg.engine.kind
-    if kind == "local":
-        return run_local(cfg, run_dir)
-    if kind == "flower":
-        from pipeline.engine_flower import run_flower
-
-        return run_flower(cfg, run_dir)
-    if kind == "ray":
-        from pipeline.engine_ray import run_ray
-
-        return run_ray(cfg, run_dir)
-    raise ValueError(f"engine.kind: unknown engine {kind!r} (expected local, flower or ray)")
-
-
-def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
-    """What a resumed run must share with its checkpoint: seed, data, model, compression, distillation."""
-    dump = cfg.model_dump(mode="json")
-    return {k: dump[k] for k in ("seed", "data", "model", "compression", "distill")}
 
 
 def run_local(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:

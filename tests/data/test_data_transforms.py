@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.transforms import (
+from pipeline.data.transforms import (
     crop_flip,
     epoch_generator,
     hash_seed,

@@ -23,7 +23,7 @@ from pipeline.logging_utils import get_logger
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # must be set before ray.train is first imported
 
 log = get_logger("ray")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------- cluster

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from pipeline.cifar_format import CifarArrays, DataError
-from pipeline.transforms import (
+from pipeline.data.formats import CifarArrays, DataError
+from pipeline.data.transforms import (
     epoch_generator,
     normalize,
     normalized_black,

@@ -11,7 +11,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.nightly import DEFAULT_CHECKS, check_metric, compare
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SUITE = {
     "plain": "seed: 1\nmodel: {name: smallnet3}\ncompression: {kind: none}\n",
     "expand": "seed: 2\nmodel: {name: smallnet7}\ncompression: {kind: expand, strategy: cl, rate: 2}\n",

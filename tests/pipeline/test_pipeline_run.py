@@ -10,10 +10,10 @@ import safetensors.torch
 import torch
 
 import models
-from pipeline import engines
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data import test_loader
+from pipeline.engines import local as local_engine
 from pipeline.modeling import build_training_model
 from pipeline.report import PLOTS
 from pipeline.stages import RUN_FILES, finish_run, load_run, prepare_run_dir
@@ -78,16 +78,16 @@ def test_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             "train.schedule=cosine"]
     assert main(["run", "--quiet", *_sets([*base, "name=straight"])]) == 0
 
-    real_save = engines.save_checkpoint
+    real_save = local_engine.save_checkpoint
 
     def save_then_crash(*args, **kwargs) -> None:  # the process dies right after the first epoch's checkpoint
         real_save(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engines, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(local_engine, "save_checkpoint", save_then_crash)
     assert main(["run", "--quiet", *_sets([*base, "name=resumed"])]) == 130
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
-    monkeypatch.setattr(engines, "save_checkpoint", real_save)
+    monkeypatch.setattr(local_engine, "save_checkpoint", real_save)
     assert main(["run", "--quiet", *_sets([*base, "name=resumed", "resume=true"])]) == 0
     a = safetensors.torch.load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = safetensors.torch.load_file(str(tmp_path / "resumed" / "model.safetensors"))

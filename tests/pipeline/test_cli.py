@@ -11,7 +11,7 @@ import pytest
 import models
 from pipeline.cli import main, parse_slice
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _one_line_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

@@ -1,12 +1,7 @@
-"""The data layer every engine uses: load a split, partition it, and build seeded DataLoaders from a config.
+"""Splits, datasets, partitions and the seeded loaders of a run config (cached per process).
 
-Sources: the official CIFAR-10/100 python folders under ``data.root`` (read with a restricted unpickler,
-:mod:`pipeline.cifar_format`; fetch them with :func:`download`), or, when ``data.root`` is None, the real
-CIFAR-10 subset embedded in the package (:mod:`pipeline.embedded`). Decoded splits, datasets and partitions
-are cached per process, so Flower ClientApps (re-created per message) and Ray workers pay for loading once.
-
-Engines call :func:`train_loader` (local / Ray ranks), :func:`client_train_loader` (Flower partitions) and
-:func:`test_loader`; the lower-level pieces are re-exported here so ``pipeline.data`` is the one import.
+Decoded splits, datasets and partitions are cached per process, so Flower ClientApps (re-created per
+message) and Ray workers pay for loading once.
 """
 
 from __future__ import annotations
@@ -18,27 +13,12 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
-from pipeline.cifar_format import CifarArrays, DataError, read_split, safe_unpickle
 from pipeline.config import DataConfig, PartitionConfig, RunConfig
-from pipeline.download import download
-from pipeline.embedded import load_embedded
-from pipeline.loaders import (
-    BatchTransform,
-    CifarLoader,
-    ImageDataset,
-    SeededShuffleSampler,
-    make_test_loader,
-    make_train_loader,
-)
-from pipeline.partition import format_partition_summary, label_entropy, partition, partition_summary
-from pipeline.transforms import hash_seed
-
-__all__ = [
-    "BatchTransform", "CifarArrays", "CifarLoader", "DataError", "ImageDataset", "SeededShuffleSampler",
-    "client_partition", "client_train_loader", "dataset_for", "download", "format_partition_summary",
-    "label_entropy", "load_cifar", "load_embedded", "load_split", "make_test_loader", "make_train_loader",
-    "partition", "partition_summary", "safe_unpickle", "test_loader", "train_loader",
-]
+from pipeline.data.embedded import load_embedded
+from pipeline.data.formats import CifarArrays, DataError, read_split
+from pipeline.data.loaders import CifarLoader, ImageDataset, make_test_loader, make_train_loader
+from pipeline.data.partition import format_partition_summary, partition, partition_summary
+from pipeline.data.transforms import hash_seed
 
 
 @functools.lru_cache(maxsize=4)
@@ -100,6 +80,14 @@ def client_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> 
     parts = _partitions_cached(_key(cfg.data, "train"), cfg.data.partition.model_dump_json(), num_partitions,
                                cfg.seed)
     return parts[partition_id]
+
+
+def partition_table(cfg: RunConfig, num_partitions: int) -> str:
+    """A markdown table of each client's class counts and label entropy (how skewed the split is)."""
+    parts = _partitions_cached(_key(cfg.data, "train"), cfg.data.partition.model_dump_json(), num_partitions,
+                               cfg.seed)
+    labels = _dataset_cached(_key(cfg.data, "train")).labels.numpy()
+    return format_partition_summary(partition_summary(labels, list(parts), cfg.data.num_classes))
 
 
 def client_train_loader(cfg: RunConfig, partition_id: int, num_partitions: int) -> CifarLoader:
