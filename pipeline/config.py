@@ -150,7 +150,25 @@ class LocalEngine(Strict):
     kind: Literal["local"] = "local"
 
 
-FlowerStrategy = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum"]
+FlowerStrategy = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"]
+
+
+class UpdateScreenConfig(Strict):
+    """Norm screen of client updates (reply - global model sent), before the strategy aggregates."""
+
+    kind: Literal["clip", "drop", "off"] = Field("clip", description="clip (scale down) or drop updates whose "
+                                                 "norm exceeds factor x the round's median update norm; off")
+    factor: float = Field(2.0, ge=1.0, description="bound, in multiples of the round's median update norm")
+
+
+class ServerDPConfig(Strict):
+    """Flower's server-side DP wrappers (central DP), applied after decoding and screening."""
+
+    kind: Literal["none", "fixed", "adaptive"] = "none"
+    noise_multiplier: float = Field(0.0, ge=0)
+    clipping_norm: float = Field(1.0, gt=0, description="fixed: the clipping norm; adaptive: the initial one")
+    target_quantile: float = Field(0.5, ge=0, le=1, description="adaptive: fraction of updates left unclipped")
+    clip_norm_lr: float = Field(0.2, gt=0, description="adaptive: learning rate of the clipping norm")
 
 
 class FlowerEngine(Strict):
@@ -166,7 +184,13 @@ class FlowerEngine(Strict):
     proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal term")
     server_lr: float = Field(0.01, gt=0, description="FedAdam server learning rate")
     trimmed_beta: float = Field(0.2, ge=0, lt=0.5, description="FedTrimmedAvg trim fraction")
-    krum_byzantine: int = Field(0, ge=0, description="Krum: number of malicious nodes tolerated")
+    krum_byzantine: int = Field(0, ge=0, description="Krum/MultiKrum/Bulyan: number of malicious nodes tolerated")
+    multikrum_select: int | None = Field(None, ge=1, description="MultiKrum: replies averaged (None: n - f)")
+    update_screen: UpdateScreenConfig = UpdateScreenConfig()
+    example_weights: Literal["partition", "median", "uniform", "claimed"] = Field(
+        "partition", description="cap on a reply's num-examples weight: the server-side partition size, the "
+        "round's median claim, uniform weights, or the claim itself (unsafe)")
+    dp: ServerDPConfig = ServerDPConfig()
     transport_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies per round")
     client_cpus: float = Field(1.0, gt=0)
@@ -174,6 +198,14 @@ class FlowerEngine(Strict):
     fault_nodes: dict[int, Literal["raise", "nan", "shape"]] = Field(
         default_factory=dict, description="TEST ONLY: partition id -> injected fault"
     )
+
+    @model_validator(mode="after")
+    def _bulyan_has_enough_replies(self) -> FlowerEngine:
+        expected = max(int(self.clients * self.fraction), self.min_train_nodes)
+        if self.strategy == "bulyan" and expected < 4 * self.krum_byzantine + 3:
+            raise ValueError(f"strategy bulyan needs at least 4*krum_byzantine+3 = {4 * self.krum_byzantine + 3} "
+                             f"replies per round, but clients x fraction gives {expected}")
+        return self
 
 
 class RayEngine(Strict):

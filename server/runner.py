@@ -80,6 +80,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     if nodes != cfg.engine.clients:
         log.info("the federation has %d nodes now, engine.clients=%d: partitions follow each node's "
                  "num-partitions", nodes, cfg.engine.clients)
+        strategy.set_num_partitions(nodes)
     evaluator = CentralEvaluator(cfg, model)
     log_partitions(cfg)
     if cfg.resume:
@@ -105,9 +106,9 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         record.update(strategy.ledger.summary(rnd))
         record["seconds"] = seconds
         history.append(record)
-        log.info("round %d: test accuracy %.4f, bytes up %d down %d, replies ok %d failed %d dropped %d", rnd,
-                 record["test_accuracy"], record["bytes_up"], record["bytes_down"], record["replies_ok"],
-                 record["replies_failed"], record["replies_dropped"])
+        log.info("round %d: test accuracy %.4f, bytes up %d down %d, replies ok %d failed %d dropped %d "
+                 "clipped %d", rnd, record["test_accuracy"], record["bytes_up"], record["bytes_down"],
+                 record["replies_ok"], record["replies_failed"], record["replies_dropped"], record["replies_clipped"])
         save_checkpoint(ckpt_dir, ServerCheckpoint(rnd, global_state, strategy.state_arrays(), history,
                                                    capture_rng()), cfg)
 
