@@ -1,0 +1,112 @@
+"""Federated robustness table: test accuracy with one hostile client among five, per server configuration.
+
+The real ServerApp body (``server.runner.run_server``) runs in-process on ``server.local_grid.LocalGrid``
+with the real ClientApp wrapped by ``tests/server/hostile_clients.py`` (no production config knob): one
+partition (``--attacker``) replies with a scaled, sign-flipped or num-examples-inflating update. Data: the
+embedded CIFAR-10 subset (real images), IID over 5 clients, SmallNet-3. Rows: server configurations;
+columns: honest run and each attack; cells: final test accuracy (mean over ``--seeds``).
+
+    python benchmarks/robustness.py                          # 5 rounds x 5 batches, 1 seed (~5 min on 2 cores)
+    python benchmarks/robustness.py --seeds 0 1 --factor 1.5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "server"))
+
+from hostile_clients import ATTACKS, hostile_app  # noqa: E402
+
+from pipeline.config import config_from_dict  # noqa: E402
+from server.local_grid import LocalGrid  # noqa: E402
+from server.runner import run_server  # noqa: E402
+
+CLIENTS = 5
+
+
+def server_configs(factor: float) -> dict[str, dict]:
+    """Row name -> engine keys. 'fedavg (screen off)' is Flower's FedAvg as shipped: claimed weights, no screen."""
+    return {
+        "fedavg (screen off)": {"strategy": "fedavg", "update_screen": {"kind": "off"}, "example_weights": "claimed"},
+        f"default (fedavg + clip {factor:g}x median)": {"update_screen": {"kind": "clip", "factor": factor}},
+        f"fedavg + drop {factor:g}x median": {"update_screen": {"kind": "drop", "factor": factor}},
+        "fedmedian": {"strategy": "fedmedian"},
+        "krum (f=1)": {"strategy": "krum", "krum_byzantine": 1},
+        "multikrum (f=1)": {"strategy": "multikrum", "krum_byzantine": 1},
+    }
+
+
+def run_config(engine: dict, seed: int, args: argparse.Namespace, out: Path) -> dict:
+    """The run config of one cell (everything but the engine keys is shared by the whole table)."""
+    return {
+        "name": "robustness", "seed": seed, "device": "cpu", "output": str(out),
+        "data": {"train_limit": args.train_limit, "test_limit": args.test_limit, "augment": False,
+                 "partition": {"kind": "iid"}},
+        "model": {"name": "smallnet3"},
+        "engine": {"kind": "flower", "rounds": args.rounds, "clients": CLIENTS, "min_train_nodes": 1, **engine},
+        "train": {"batch_size": 32, "lr": args.lr, "max_batches": args.max_batches, "eval_batch_size": 500},
+    }
+
+
+def accuracy(engine: dict, attack: str | None, seed: int, args: argparse.Namespace, out: Path) -> float:
+    """Final test accuracy of one run (attack None: every client honest)."""
+    cfg = config_from_dict(run_config(engine, seed, args, out))
+    app = hostile_app(train={args.attacker: ATTACKS[attack]} if attack else None)
+    return float(run_server(LocalGrid(app, CLIENTS), cfg, cfg.run_dir)["test_accuracy"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--max-batches", type=int, default=5, help="local batches of 32 per round")
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--train-limit", type=int, default=1500)
+    parser.add_argument("--test-limit", type=int, default=1000)
+    parser.add_argument("--factor", type=float, default=2.0, help="update screen bound (x round median norm)")
+    parser.add_argument("--attacker", type=int, default=4, help="partition id of the hostile client")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--rows", nargs="*", default=None, help="subset of row names (default: all)")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/compactfl-robustness"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    logging.disable(logging.WARNING)  # per-round lines and Flower's chatter; the table is the output
+
+    configs = server_configs(args.factor)
+    rows = {k: v for k, v in configs.items() if args.rows is None or k in args.rows}
+    columns: list[str | None] = [None, *ATTACKS]
+    started = time.perf_counter()
+    table: dict[str, dict[str, float]] = {}
+    for row, engine in rows.items():
+        table[row] = {}
+        for attack in columns:
+            accs = [accuracy(engine, attack, seed, args, args.out) for seed in args.seeds]
+            table[row][attack or "honest"] = statistics.mean(accs)
+            print(f"  {row:<34} {attack or 'honest':<30} {table[row][attack or 'honest']:.3f}", file=sys.stderr)
+    names = ["honest", *ATTACKS]
+    print(f"\n5 clients (IID, embedded CIFAR-10 subset, {args.train_limit} train / {args.test_limit} test images), "
+          f"SmallNet-3, {args.rounds} rounds x {args.max_batches} batches of 32, lr {args.lr}, attacker = "
+          f"partition {args.attacker}, seeds {args.seeds}; final test accuracy (chance 0.10)\n")
+    print("| server | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for row, cells in table.items():
+        print(f"| {row} | " + " | ".join(f"{cells[n]:.3f}" for n in names) + " |")
+    print(f"\n{time.perf_counter() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "table": table},
+                                        indent=1))
+
+
+if __name__ == "__main__":
+    main()
