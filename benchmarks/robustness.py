@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--train-limit", type=int, default=1500)
     parser.add_argument("--test-limit", type=int, default=1000)
-    parser.add_argument("--factor", type=float, default=2.0, help="update screen bound (x round median norm)")
+    parser.add_argument("--factor", type=float, default=1.5, help="update screen bound (x round median norm)")
     parser.add_argument("--attacker", type=int, default=4, help="partition id of the hostile client")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rows", nargs="*", default=None, help="subset of row names (default: all)")

@@ -158,7 +158,7 @@ class UpdateScreenConfig(Strict):
 
     kind: Literal["clip", "drop", "off"] = Field("clip", description="clip (scale down) or drop updates whose "
                                                  "norm exceeds factor x the round's median update norm; off")
-    factor: float = Field(2.0, ge=1.0, description="bound, in multiples of the round's median update norm")
+    factor: float = Field(1.5, ge=1.0, description="bound, in multiples of the round's median update norm")
 
 
 class ServerDPConfig(Strict):

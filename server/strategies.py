@@ -99,6 +99,7 @@ class CompactflHooks:
         self.transport_dtype = eng.transport_dtype
         self.screen_kind, self.screen_factor = eng.update_screen.kind, eng.update_screen.factor
         self.weight_rule = eng.example_weights
+        self.dp_kind = eng.dp.kind
         self.min_valid = max(min_valid, 1)
         self.ledger = ByteLedger()
         self.round_report = {}
@@ -199,6 +200,9 @@ class CompactflHooks:
         screened = screen_updates(self._base, [a.state for a in accepted], self.screen_kind, self.screen_factor)
         good, clipped = [], 0
         for a, result in zip(accepted, screened, strict=True):
+            if result.state is not None and self.dp_kind != "none" and not any(result.norms.values()):
+                # Flower's DP clipping divides by the update norm: a zero update would abort the run
+                result.state, result.reason = None, "update is exactly zero (refused under engine.dp)"
             if result.state is None:
                 dropped += 1
                 log.warning("round %d: dropped train reply from node %d: %s", server_round, a.node, result.reason)

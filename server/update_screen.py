@@ -57,7 +57,7 @@ def update_norms(base: Mapping[str, torch.Tensor], reply: Mapping[str, torch.Ten
 
 
 def screen_updates(base: Mapping[str, torch.Tensor], replies: Sequence[Mapping[str, torch.Tensor]],
-                   kind: str = "clip", factor: float = 2.0) -> list[ScreenedUpdate]:
+                   kind: str, factor: float) -> list[ScreenedUpdate]:
     """Screen every reply's update against ``factor`` x the round's median norm of each group (module doc)."""
     if kind not in ("clip", "drop", "off"):
         raise ValueError(f"engine.update_screen.kind must be clip, drop or off, got {kind!r}")

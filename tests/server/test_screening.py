@@ -221,9 +221,9 @@ def test_drop_refuses_with_a_reason_and_off_passes_everything() -> None:
     dropped = screen_updates(base, replies, "drop", factor=3.0)
     assert [r.action for r in dropped] == ["kept"] * 3 + ["dropped"]
     assert dropped[3].state is None and "exceeds" in dropped[3].reason and "3 x the round's median" in dropped[3].reason
-    assert [r.action for r in screen_updates(base, replies, "off")] == ["kept"] * 4
+    assert [r.action for r in screen_updates(base, replies, "off", 1.5)] == ["kept"] * 4
     with pytest.raises(ValueError, match="clip, drop or off"):
-        screen_updates(base, replies, "trim")
+        screen_updates(base, replies, "trim", 1.5)
 
 
 def test_huge_finite_updates_clip_without_overflow() -> None:
@@ -284,10 +284,16 @@ def test_metric_fuzz_in_train_and_evaluate_replies_never_aborts_the_run(tmp_path
     assert 0.0 <= record["federated_test_accuracy"] <= 1.0 and math.isfinite(summary["test_accuracy"])
 
 
-def test_partition_claims_are_bound_and_inflated_weights_capped(tmp_path: Path) -> None:
-    """Node 0 claims node 1's partition (dropped); node 2 inflates num-examples (capped to its partition)."""
-    tampers = {0: set_metric("partition-id", 1), 2: ModelAttack(claim=10**6)}
-    cfg = config_from_dict(tiny(tmp_path))
+def echo_base(reply, base: dict[str, torch.Tensor]) -> None:
+    """A tamper that sends the received global model back unchanged (an exactly-zero update)."""
+    reply.content["arrays"] = encode_state(base)
+
+
+def test_partition_claims_are_bound_inflated_weights_capped_and_zero_updates_kept_from_dp(tmp_path: Path) -> None:
+    """Node 0 claims node 1's partition (dropped); node 2 inflates num-examples (capped to its partition);
+    node 3 echoes the global model, which Flower's DP clipping cannot take (dropped, not a crash)."""
+    tampers = {0: set_metric("partition-id", 1), 2: ModelAttack(claim=10**6), 3: echo_base}
+    cfg = config_from_dict(tiny(tmp_path, dp={"kind": "adaptive", "clipping_norm": 100.0}))
     run_server(LocalGrid(hostile_app(tampers), 5), cfg, cfg.run_dir)
     record = history(tmp_path)
-    assert (record["replies_ok"], record["replies_dropped"], record["weights_capped"]) == (4, 1, 1)
+    assert (record["replies_ok"], record["replies_dropped"], record["weights_capped"]) == (3, 2, 1)
