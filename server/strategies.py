@@ -169,8 +169,8 @@ class CompactflHooks:
                     raise ReplyRejected(f"claims partition-id {pid}, which node {owner_of[pid]} uses")
             except ReplyRejected as exc:
                 dropped += 1
-                log.warning("round %d: dropped %s reply from node %d: %s", server_round,
-                            "train" if train else "evaluate", node, exc)
+                log.warning("round %d: dropped reply from node %d (%s): %s", server_round, node,
+                            "train" if train else "evaluate", exc)
                 continue
             claimed[node], owner_of[pid] = pid, node
             accepted.append(_Accepted(node, pid, msg, metrics, state))
@@ -205,7 +205,7 @@ class CompactflHooks:
                 result.state, result.reason = None, "update is exactly zero (refused under engine.dp)"
             if result.state is None:
                 dropped += 1
-                log.warning("round %d: dropped train reply from node %d: %s", server_round, a.node, result.reason)
+                log.warning("round %d: dropped reply from node %d (train): %s", server_round, a.node, result.reason)
                 continue
             if result.action == "clipped":
                 clipped += 1
