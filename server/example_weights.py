@@ -5,8 +5,9 @@ average). ``engine.example_weights`` picks the rule:
 - ``partition`` (default): at most the size of the client's partition as the server computes it from the
   same config and seed (``pipeline.data.client_partition`` for training, the test shard for federated
   evaluation). Every compactfl node trains on such a partition, so the server always knows the true size;
-  a client that claims another partition id is capped by that partition's size, and a partition id is
-  bound to the first node that used it in the run (see ``server.strategies``).
+  a client that claims another partition id is capped by that partition's size (a node keeps the id of
+  its first accepted reply, and an id claimed by two nodes in one round is refused for both: see
+  ``server.strategies``).
 - ``median``: at most the round's median claim (for federations whose data the server cannot see).
 - ``uniform``: every reply weighs 1.
 - ``claimed``: the claim itself (Flower's behaviour; unsafe, for comparison only).

@@ -7,7 +7,8 @@ then wraps a plain Flower strategy); aggregation itself stays Flower's. The hook
   ``engine.transport_dtype`` (FedOpt's ``current_arrays`` therefore stay fp32);
 - accounting: every ArrayRecord sent and received is measured (:mod:`server.accounting`);
 - screening, train and evaluate replies alike: structure, arrays and metrics (:mod:`server.validation`);
-  a ``partition-id`` is bound to the first node that used it; weights are capped
+  a node keeps the ``partition-id`` of its first accepted reply and a partition claimed by two nodes in one
+  round is believed for neither; weights are capped
   (:mod:`server.example_weights`); updates are bounded against the round's median norm
   (:mod:`server.update_screen`). Failed and refused replies are dropped with a log line naming the node and
   the reason, and counted in the round's report. The strategy (and a DP wrapper, which therefore clips and
@@ -140,10 +141,9 @@ class CompactflHooks:
     # ------------------------------------------------------------------------------------- screening
     def _accept(self, server_round: int, replies: Iterable[Message], train: bool) -> tuple[list[_Accepted], int, int]:
         """Replies that pass the structural, array and metric checks (sorted by partition), failed, dropped."""
-        accepted: list[_Accepted] = []
+        candidates: list[_Accepted] = []
         failed = dropped = 0
-        claimed: dict[int, int] = {}
-        owner_of = {p: n for n, p in self._node_partition.items()}
+        what = "train" if train else "evaluate"
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -165,16 +165,23 @@ class CompactflHooks:
                 if self._node_partition.get(node, pid) != pid:
                     raise ReplyRejected(f"claims partition-id {pid}, but its earlier replies used "
                                         f"{self._node_partition[node]}")
-                if owner_of.get(pid, node) != node:
-                    raise ReplyRejected(f"claims partition-id {pid}, which node {owner_of[pid]} uses")
             except ReplyRejected as exc:
                 dropped += 1
-                log.warning("round %d: dropped reply from node %d (%s): %s", server_round, node,
-                            "train" if train else "evaluate", exc)
+                log.warning("round %d: dropped reply from node %d (%s): %s", server_round, node, what, exc)
                 continue
-            claimed[node], owner_of[pid] = pid, node
-            accepted.append(_Accepted(node, pid, msg, metrics, state))
-        self._node_partition.update(claimed)
+            candidates.append(_Accepted(node, pid, msg, metrics, state))
+        claimants: dict[int, list[int]] = {}
+        for c in candidates:
+            claimants.setdefault(c.partition, []).append(c.node)
+        accepted = []
+        for c in candidates:  # two nodes claiming one partition: neither is believed (arrival order is random)
+            if len(claimants[c.partition]) > 1:
+                dropped += 1
+                log.warning("round %d: dropped reply from node %d (%s): partition-id %d is claimed by nodes %s",
+                            server_round, c.node, what, c.partition, sorted(claimants[c.partition]))
+                continue
+            self._node_partition[c.node] = c.partition
+            accepted.append(c)
         accepted.sort(key=lambda a: (a.partition, a.node))
         return accepted, failed, dropped
 

@@ -289,11 +289,19 @@ def echo_base(reply, base: dict[str, torch.Tensor]) -> None:
     reply.content["arrays"] = encode_state(base)
 
 
-def test_partition_claims_are_bound_inflated_weights_capped_and_zero_updates_kept_from_dp(tmp_path: Path) -> None:
-    """Node 0 claims node 1's partition (dropped); node 2 inflates num-examples (capped to its partition);
-    node 3 echoes the global model, which Flower's DP clipping cannot take (dropped, not a crash)."""
-    tampers = {0: set_metric("partition-id", 1), 2: ModelAttack(claim=10**6), 3: echo_base}
-    cfg = config_from_dict(tiny(tmp_path, dp={"kind": "adaptive", "clipping_norm": 100.0}))
+def test_partition_claims_inflated_weights_and_zero_updates_under_dp(tmp_path: Path) -> None:
+    """Round 1: node 0 claims node 1's partition (both refused: arrival order decides nothing); node 2 inflates
+    num-examples (capped to its partition); node 3 echoes the global model, which Flower's DP clipping cannot
+    take (dropped, not a crash). Round 2: node 4 switches to partition 0 (refused: it was accepted as 4)."""
+    calls = {"n": 0}
+
+    def switch_in_round_two(reply, _base) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            set_metric("partition-id", 0)(reply, _base)
+
+    tampers = {0: set_metric("partition-id", 1), 2: ModelAttack(claim=10**6), 3: echo_base, 4: switch_in_round_two}
+    cfg = config_from_dict(tiny(tmp_path, rounds=2, dp={"kind": "adaptive", "clipping_norm": 100.0}))
     run_server(LocalGrid(hostile_app(tampers), 5), cfg, cfg.run_dir)
-    record = history(tmp_path)
-    assert (record["replies_ok"], record["replies_dropped"], record["weights_capped"]) == (3, 2, 1)
+    rounds = json.loads((tmp_path / "screen" / "metrics.json").read_text())["history"]
+    assert [(r["replies_ok"], r["replies_dropped"], r["weights_capped"]) for r in rounds] == [(2, 3, 1), (1, 4, 1)]
