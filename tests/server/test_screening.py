@@ -305,3 +305,14 @@ def test_partition_claims_inflated_weights_and_zero_updates_under_dp(tmp_path: P
     run_server(LocalGrid(hostile_app(tampers), 5), cfg, cfg.run_dir)
     rounds = json.loads((tmp_path / "screen" / "metrics.json").read_text())["history"]
     assert [(r["replies_ok"], r["replies_dropped"], r["weights_capped"]) for r in rounds] == [(2, 3, 1), (1, 4, 1)]
+
+
+def test_bulyan_aggregates_seven_replies_and_stops_clearly_below_4f_plus_3(tmp_path: Path) -> None:
+    from server.strategies import TooFewReplies
+
+    cfg = config_from_dict({**tiny(tmp_path, strategy="bulyan", clients=7, krum_byzantine=1), "name": "bulyan"})
+    summary = run_server(LocalGrid(hostile_app(), 7), cfg, cfg.run_dir)
+    assert history(tmp_path, "bulyan")["replies_ok"] == 7 and math.isfinite(summary["test_accuracy"])
+    cfg = config_from_dict({**tiny(tmp_path, strategy="bulyan", clients=7, krum_byzantine=1), "name": "short"})
+    with pytest.raises(TooFewReplies, match=r"only 6 valid replies \(0 failed, 1 dropped\), need 7 .*bulyan"):
+        run_server(LocalGrid(hostile_app({3: set_metric("train-loss", math.inf)}), 7), cfg, cfg.run_dir)
