@@ -51,10 +51,14 @@ def _metric(metrics: MetricRecord | None, key: str) -> float | None:
 
 def log_partitions(cfg: RunConfig) -> None:
     """Log each simulated client's class counts (run.log), so a skewed split is visible next to the results."""
-    from pipeline.data import partition_table
+    from pipeline.data import DataError, partition_table
 
-    log.info("training partitions (%s, %d clients):\n%s", cfg.data.partition.kind, cfg.engine.clients,
-             partition_table(cfg, cfg.engine.clients))
+    try:
+        table = partition_table(cfg, cfg.engine.clients)
+    except DataError as exc:  # a deployed server may hold no training split: the nodes hold their own
+        log.info("training partitions: not shown (%s)", exc)
+        return
+    log.info("training partitions (%s, %d clients):\n%s", cfg.data.partition.kind, cfg.engine.clients, table)
 
 
 def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
