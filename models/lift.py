@@ -20,14 +20,18 @@ every group of a grouped/depthwise layer is an independent problem):
   both are built exactly by composing the prefix/suffix with a basis of the factor. The correction is
   ``pinv(M)`` applied to every channel's kernel change; the map reaches every kernel iff ``M`` (or ``N``) has
   full row rank, which needs e.g. ``9 q >= k^2 m`` for the last factor (SmallNet-7 inner layers at r=4).
+- **Middle factors with spatial neighbours** (CK 7x7 and larger): no structure to exploit, so the map is
+  formed explicitly per group (a basis of the factor composed with prefix and suffix) and pseudo-inverted,
+  only when it has at most ``MAX_EXPLICIT_ENTRIES`` entries per group (e.g. depthwise 7x7 at r=4, whose end
+  factors cannot reach: 36 < 49 unknowns per channel). Larger ones are not tried.
 - Preference: the sandwich factor nearest the chain's middle (the CL kxk factor, the FC middle factor), then
-  the last factor, then the first. The first candidate whose map has full numerical rank (singular values
-  above ``max(rows, cols) * eps * s_max``) and whose float64 residual is <= ``REACH_TOL`` is used.
-- Not reachable (a rank-deficient map for every candidate: the CK image conv 3->3->32->8 of SmallNet-7,
-  rates below 1, CK 7x7 layers whose only full-rank factor would be the middle one, which has spatial
-  neighbours on both sides and is not tried): the layer is a **fallback**. ``lift`` still applies the
-  least-squares minimal-norm correction of the candidate that gets closest and reports the residual; the
-  caller must send such a layer's factors instead of trusting its compact weight.
+  the last factor, the first, the explicit middles. The first candidate whose map has full numerical rank
+  (singular values above ``max(rows, cols) * eps * s_max``; a dimension count skips hopeless ones first) and
+  whose float64 relative residual is <= ``REACH_TOL`` is used.
+- Not reachable (every candidate's map is rank-deficient: the CK image conv 3->3->32->8 of SmallNet-7, whose
+  last factor reaches 600 of 1,176 dimensions; rates below 1; CK 7x7 at r=2): the layer is a **fallback**.
+  ``lift`` still applies the least-squares minimal-norm correction of the candidate that gets closest and
+  reports the residual; the caller must send such a layer's factors instead of trusting its compact weight.
 - The bias is solved after the weights: the chain's contracted bias with the new weights is compared with the
   target and the difference goes on the last layer's bias, which shifts the contracted bias by exactly that.
 
@@ -51,6 +55,7 @@ from models.state import _invalidate_caches, trainable_state, unwrap
 __all__ = ["LayerLift", "LiftReport", "lift", "seeded_expansion", "REACH_TOL"]
 
 REACH_TOL = 1e-9  # a candidate "reaches" the target when its float64 relative residual is at most this
+MAX_EXPLICIT_ENTRIES = 2_000_000  # largest per-group explicit map (kernel entries x factor entries) formed
 
 
 @dataclass(frozen=True)
@@ -210,7 +215,7 @@ def _lift_layer(path: str, layer: nn.Module, w_target: torch.Tensor, b_target: t
 
 def _solve(ws: list[torch.Tensor], groups: int, dk: torch.Tensor, k_target: torch.Tensor) -> _Solution:
     """The first candidate factor that reaches ``k_target``, else the candidate that gets closest."""
-    candidates = _candidates(ws)
+    candidates = _candidates(ws, groups, dk.numel() // groups)
     solved: dict[int, _Solution] = {}
     for j, solver in candidates:
         if _may_reach(ws, groups, j, solver, dk):
@@ -223,8 +228,12 @@ def _solve(ws: list[torch.Tensor], groups: int, dk: torch.Tensor, k_target: torc
     return min(solved.values(), key=lambda s: s.residual)
 
 
-def _candidates(ws: list[torch.Tensor]) -> list[tuple[int, Callable]]:
-    """(factor index, solver) in order of preference: sandwiches nearest the middle, then last, then first."""
+def _candidates(ws: list[torch.Tensor], groups: int, rows: int) -> list[tuple[int, Callable]]:
+    """(factor, solver) by preference: sandwiches nearest the middle, last, first, then small explicit middles.
+
+    ``rows`` is the number of kernel entries per group; a middle factor with spatial neighbours on both sides
+    has no structure to exploit and is tried only when its explicit map per group stays small.
+    """
     n = len(ws)
     is_1x1 = [tuple(w.shape[-2:]) == (1, 1) for w in ws]
     sandwich = [j for j in range(n) if all(is_1x1[:j]) and all(is_1x1[j + 1:])]
@@ -233,6 +242,10 @@ def _candidates(ws: list[torch.Tensor]) -> list[tuple[int, Callable]]:
         out.append((n - 1, _last))
     if 0 not in sandwich:
         out.append((0, _first))
+    for j in range(1, n - 1):
+        entries = rows * ws[j].numel() // groups
+        if j not in sandwich and entries <= MAX_EXPLICIT_ENTRIES and groups * entries <= 10 * MAX_EXPLICIT_ENTRIES:
+            out.append((j, _explicit))
     return out
 
 
@@ -245,7 +258,9 @@ def _may_reach(ws: list[torch.Tensor], groups: int, j: int, solver: Callable, dk
         return w.shape[1] >= m_g and w.shape[0] // groups >= n_g
     if solver is _last:
         return w.shape[1] * taps >= m_g * s
-    return (w.shape[0] // groups) * taps >= n_g * s
+    if solver is _first:
+        return (w.shape[0] // groups) * taps >= n_g * s
+    return w.numel() // groups >= n_g * m_g * s
 
 
 def _evaluate(ws: list[torch.Tensor], groups: int, dk: torch.Tensor, k_target: torch.Tensor, j: int,
@@ -310,3 +325,19 @@ def _first(ws: list[torch.Tensor], groups: int, j: int, dk: torch.Tensor) -> tup
     dy = dk.reshape(g, n_g, m_g, s).transpose(2, 3).reshape(g, n_g * s, m_g)
     delta = (n_inv @ dy).reshape(g, p_g, taps, m_g).transpose(2, 3).reshape(w.shape)
     return delta, int(rank.sum()) * m_g
+
+
+def _explicit(ws: list[torch.Tensor], groups: int, j: int, dk: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A middle factor, per group through its explicit map: the prefix and suffix composed with a basis of it."""
+    g, w = groups, ws[j]
+    size = w.numel() // g
+    basis = torch.eye(size, dtype=w.dtype).reshape(size * (w.shape[0] // g), *w.shape[1:])  # one factor per row
+    maps = []
+    for part in [[x.reshape(g, -1, *x.shape[1:])[gi] for x in ws] for gi in range(g)]:
+        through = compose_pair(basis, _compose(part[:j], 1), 1)  # every basis factor after the prefix
+        post = _compose(part[j + 1:], 1)
+        k = compose_pair(post.repeat(size, 1, 1, 1), through, size)  # then the suffix, basis by basis
+        maps.append(k.reshape(size, -1).mT)
+    inv, rank = _pinv(torch.stack(maps))
+    delta = (inv @ dk.reshape(g, -1, 1)).reshape(w.shape)
+    return delta, int(rank.sum())
