@@ -25,13 +25,15 @@ every group of a grouped/depthwise layer is an independent problem):
   only when it has at most ``MAX_EXPLICIT_ENTRIES`` entries per group (e.g. depthwise 7x7 at r=4, whose end
   factors cannot reach: 36 < 49 unknowns per channel). Larger ones are not tried.
 - Preference: the sandwich factor nearest the chain's middle (the CL kxk factor, the FC middle factor), then
-  the last factor, the first, the explicit middles. The first candidate whose map has full numerical rank
-  (singular values above ``max(rows, cols) * eps * s_max``; a dimension count skips hopeless ones first) and
-  whose float64 relative residual is <= ``REACH_TOL`` is used.
-- Not reachable (every candidate's map is rank-deficient: the CK image conv 3->3->32->8 of SmallNet-7, whose
-  last factor reaches 600 of 1,176 dimensions; rates below 1; CK 7x7 at r=2): the layer is a **fallback**.
-  ``lift`` still applies the least-squares minimal-norm correction of the candidate that gets closest and
-  reports the residual; the caller must send such a layer's factors instead of trusting its compact weight.
+  the last factor, the first, the explicit middles. The first candidate whose float64 relative residual is
+  <= ``REACH_TOL`` is used; a dimension count skips hopeless ones first, and the numerical rank of each map
+  (singular values above ``max(rows, cols) * eps * s_max``) is reported: full rank is what reaches EVERY
+  kernel, a rank-deficient map reaches only the targets in its range.
+- Not reached (the target lies outside every candidate's range: a random kernel for the CK image conv
+  3->3->32->8 of SmallNet-7, whose last factor's map has rank 600 of 1,176; rates below 1; CK 7x7 at r=2):
+  the layer is a **fallback**. ``lift`` still applies the least-squares minimal-norm correction of the
+  candidate that gets closest and reports the residual; the caller must send such a layer's factors instead
+  of trusting its compact weight.
 - The bias is solved after the weights: the chain's contracted bias with the new weights is compared with the
   target and the difference goes on the last layer's bias, which shifts the contracted bias by exactly that.
 
@@ -69,7 +71,7 @@ class LayerLift:
     kernel_entries: int  # entries of the compact kernel: the rank needed to reach every kernel
     residual: float  # ||K - K*||_F / ||K*||_F of the contracted kernel as written (model dtype)
     bias_residual: float  # the same for the bias (0.0 when the layer has none)
-    fallback: bool  # True: no single factor reaches the target; send this layer's factors instead
+    fallback: bool  # True: not reached (float64 residual > REACH_TOL); send this layer's factors instead
 
 
 @dataclass(frozen=True)
@@ -195,11 +197,12 @@ def _lift_layer(path: str, layer: nn.Module, w_target: torch.Tensor, b_target: t
     """Correct one factor of ``layer`` so that its chain contracts to ``w_target``, then fix the bias."""
     groups = getattr(layer.chain[0], "groups", 1)
     ws = [_as_conv(c.weight.detach()).to(torch.float64) for c in layer.chain]
-    k_target = _as_conv(w_target)
+    k_target = _as_conv(w_target).to(ws[0].device)
+    b_target = None if b_target is None else b_target.to(ws[0].device)
     k_now, _ = layer.composed(torch.float64)
     dk = k_target - _as_conv(k_now.detach())
     solution = _solve(ws, groups, dk, k_target)
-    fallback = solution.map_rank < dk.numel() or solution.residual > REACH_TOL
+    fallback = solution.residual > REACH_TOL
     factor = layer.chain[solution.factor].weight
     factor.copy_((ws[solution.factor] + solution.delta).reshape(factor.shape).to(factor.dtype))
     if b_target is not None:
@@ -216,11 +219,13 @@ def _lift_layer(path: str, layer: nn.Module, w_target: torch.Tensor, b_target: t
 def _solve(ws: list[torch.Tensor], groups: int, dk: torch.Tensor, k_target: torch.Tensor) -> _Solution:
     """The first candidate factor that reaches ``k_target``, else the candidate that gets closest."""
     candidates = _candidates(ws, groups, dk.numel() // groups)
+    if not torch.any(dk):  # the chain already contracts to the target: the zero change of the preferred factor
+        return _evaluate(ws, groups, dk, k_target, *candidates[0])
     solved: dict[int, _Solution] = {}
     for j, solver in candidates:
         if _may_reach(ws, groups, j, solver, dk):
             solved[j] = _evaluate(ws, groups, dk, k_target, j, solver)
-            if solved[j].map_rank == dk.numel() and solved[j].residual <= REACH_TOL:
+            if solved[j].residual <= REACH_TOL:
                 return solved[j]
     for j, solver in candidates:
         if j not in solved:
@@ -281,6 +286,10 @@ def _pinv(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return vh.mT @ (inv[..., None] * u.mT), keep.sum(dim=-1)
 
 
+def _eye(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
 def _compose(ws: list[torch.Tensor], groups: int) -> torch.Tensor | None:
     """The kernel of a (sub)chain, or None for the empty chain (the identity)."""
     return compose_chain(ws, [None] * len(ws), groups)[0] if ws else None
@@ -291,8 +300,8 @@ def _sandwich(ws: list[torch.Tensor], groups: int, j: int, dk: torch.Tensor) -> 
     g, w = groups, ws[j]
     n_g, m_g = dk.shape[0] // g, dk.shape[1]
     pre, post = _compose(ws[:j], g), _compose(ws[j + 1:], g)
-    p = torch.eye(m_g, dtype=dk.dtype).expand(g, m_g, m_g) if pre is None else pre.reshape(g, -1, m_g)
-    q = torch.eye(n_g, dtype=dk.dtype).expand(g, n_g, n_g) if post is None else post.reshape(g, n_g, -1)
+    p = _eye(m_g, dk).expand(g, m_g, m_g) if pre is None else pre.reshape(g, -1, m_g)
+    q = _eye(n_g, dk).expand(g, n_g, n_g) if post is None else post.reshape(g, n_g, -1)
     p_inv, p_rank = _pinv(p)
     q_inv, q_rank = _pinv(q)
     d = dk.reshape(g, n_g, m_g, -1)
@@ -305,7 +314,7 @@ def _last(ws: list[torch.Tensor], groups: int, j: int, dk: torch.Tensor) -> tupl
     g, w = groups, ws[j]
     q_g, taps = w.shape[1], w.shape[-2] * w.shape[-1]
     n_g = dk.shape[0] // g
-    basis = torch.eye(q_g * taps, dtype=w.dtype).reshape(q_g * taps, q_g, *w.shape[-2:]).repeat(g, 1, 1, 1)
+    basis = _eye(q_g * taps, w).reshape(q_g * taps, q_g, *w.shape[-2:]).repeat(g, 1, 1, 1)
     r = compose_pair(basis, _compose(ws[:j], g), g)  # (g * q_g * taps, m_g, kh, kw): M's columns
     m_inv, rank = _pinv(r.reshape(g, q_g * taps, -1).mT)
     dy = dk.reshape(g, n_g, -1).mT  # (g, m_g * kh * kw, n_g)
@@ -318,7 +327,7 @@ def _first(ws: list[torch.Tensor], groups: int, j: int, dk: torch.Tensor) -> tup
     g, w = groups, ws[j]
     p_g, m_g, taps = w.shape[0] // g, w.shape[1], w.shape[-2] * w.shape[-1]
     n_g, s = dk.shape[0] // g, dk.shape[-2] * dk.shape[-1]
-    basis = torch.eye(p_g * taps, dtype=w.dtype).reshape(p_g * taps, p_g, *w.shape[-2:]).transpose(0, 1)
+    basis = _eye(p_g * taps, w).reshape(p_g * taps, p_g, *w.shape[-2:]).transpose(0, 1)
     r = compose_pair(_compose(ws[1:], g), basis.repeat(g, 1, 1, 1), g)  # (g * n_g, p_g * taps, kh, kw)
     n_map = r.reshape(g, n_g, p_g * taps, s).transpose(2, 3).reshape(g, n_g * s, p_g * taps)
     n_inv, rank = _pinv(n_map)
@@ -331,7 +340,7 @@ def _explicit(ws: list[torch.Tensor], groups: int, j: int, dk: torch.Tensor) -> 
     """A middle factor, per group through its explicit map: the prefix and suffix composed with a basis of it."""
     g, w = groups, ws[j]
     size = w.numel() // g
-    basis = torch.eye(size, dtype=w.dtype).reshape(size * (w.shape[0] // g), *w.shape[1:])  # one factor per row
+    basis = _eye(size, w).reshape(size * (w.shape[0] // g), *w.shape[1:])  # one factor per row
     maps = []
     for part in [[x.reshape(g, -1, *x.shape[1:])[gi] for x in ws] for gi in range(g)]:
         through = compose_pair(basis, _compose(part[:j], 1), 1)  # every basis factor after the prefix
