@@ -21,9 +21,10 @@ every group of a grouped/depthwise layer is an independent problem):
   ``pinv(M)`` applied to every channel's kernel change; the map reaches every kernel iff ``M`` (or ``N``) has
   full row rank, which needs e.g. ``9 q >= k^2 m`` for the last factor (SmallNet-7 inner layers at r=4).
 - **Middle factors with spatial neighbours** (CK 7x7 and larger): no structure to exploit, so the map is
-  formed explicitly per group (a basis of the factor composed with prefix and suffix) and pseudo-inverted,
-  only when it has at most ``MAX_EXPLICIT_ENTRIES`` entries per group (e.g. depthwise 7x7 at r=4, whose end
-  factors cannot reach: 36 < 49 unknowns per channel). Larger ones are not tried.
+  formed explicitly per group (a basis of the factor composed with prefix and suffix) and pseudo-inverted
+  (e.g. depthwise 7x7 at r=4, whose end factors cannot reach: 36 < 49 unknowns per channel). Explicit maps
+  (this one and ``M``, ``N``) are formed only up to ``MAX_MAP_ENTRIES`` entries; larger ones are not tried
+  (a layer with no candidate left is a fallback, unchanged).
 - Preference: the sandwich factor nearest the chain's middle (the CL kxk factor, the FC middle factor), then
   the last factor, the first, the explicit middles. The first candidate whose float64 relative residual is
   <= ``REACH_TOL`` is used; a dimension count skips hopeless ones first, and the numerical rank of each map
@@ -57,7 +58,7 @@ from models.state import _invalidate_caches, trainable_state, unwrap
 __all__ = ["LayerLift", "LiftReport", "lift", "seeded_expansion", "REACH_TOL"]
 
 REACH_TOL = 1e-9  # a candidate "reaches" the target when its float64 relative residual is at most this
-MAX_EXPLICIT_ENTRIES = 2_000_000  # largest per-group explicit map (kernel entries x factor entries) formed
+MAX_MAP_ENTRIES = 20_000_000  # largest explicit map formed (all groups; float64: 160 MB plus its SVD)
 
 
 @dataclass(frozen=True)
@@ -142,20 +143,14 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor]
         got = tuple(torch.as_tensor(state[k]).shape)
         if got != shape:
             raise ValueError(f"compact state key {k!r}: expected shape {shape}, got {got}")
-    layers = expanded_layers(model)
-    paths_by_layer: dict[int, list[str]] = {id(layer): [] for _, layer in layers}
+    paths: dict[int, list[str]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
-        if id(module) in paths_by_layer:
-            paths_by_layer[id(module)].append(path)
+        paths.setdefault(id(module), []).append(path)
     targets = {}
-    for path, layer in layers:
-        w, b = _target(state, path)
-        for other in paths_by_layer[id(layer)][1:]:  # one shared chain cannot contract to two kernels
-            w2, b2 = _target(state, other)
-            if not torch.equal(w2, w) or (b is not None and not torch.equal(b2, b)):
-                raise ValueError(f"compact state gives the shared expanded layer {path!r} a different weight "
-                                 f"under {other!r}")
-        targets[path] = (w, b)
+    for path, layer in expanded_layers(model):
+        if len(paths[id(layer)]) > 1:  # contract() replaces only its first slot, so its compact state is ambiguous
+            raise ValueError(f"cannot lift the expanded layer shared by {', '.join(map(repr, paths[id(layer)]))}")
+        targets[path] = _target(state, path)
     return targets
 
 
@@ -218,7 +213,9 @@ def _lift_layer(path: str, layer: nn.Module, w_target: torch.Tensor, b_target: t
 
 def _solve(ws: list[torch.Tensor], groups: int, dk: torch.Tensor, k_target: torch.Tensor) -> _Solution:
     """The first candidate factor that reaches ``k_target``, else the candidate that gets closest."""
-    candidates = _candidates(ws, groups, dk.numel() // groups)
+    candidates = _candidates(ws, groups, dk)
+    if not candidates:  # every map too large to form: nothing is changed, the residual says how far it is
+        return _Solution(len(ws) - 1, torch.zeros_like(ws[-1]), 0, _rel(dk, k_target))
     if not torch.any(dk):  # the chain already contracts to the target: the zero change of the preferred factor
         return _evaluate(ws, groups, dk, k_target, *candidates[0])
     solved: dict[int, _Solution] = {}
@@ -233,39 +230,40 @@ def _solve(ws: list[torch.Tensor], groups: int, dk: torch.Tensor, k_target: torc
     return min(solved.values(), key=lambda s: s.residual)
 
 
-def _candidates(ws: list[torch.Tensor], groups: int, rows: int) -> list[tuple[int, Callable]]:
-    """(factor, solver) by preference: sandwiches nearest the middle, last, first, then small explicit middles.
+def _candidates(ws: list[torch.Tensor], groups: int, dk: torch.Tensor) -> list[tuple[int, Callable]]:
+    """(factor, solver) by preference: sandwiches nearest the middle, last, first, then the other middles.
 
-    ``rows`` is the number of kernel entries per group; a middle factor with spatial neighbours on both sides
-    has no structure to exploit and is tried only when its explicit map per group stays small.
+    Solvers that form an explicit map are kept only when it has at most ``MAX_MAP_ENTRIES`` entries.
     """
     n = len(ws)
     is_1x1 = [tuple(w.shape[-2:]) == (1, 1) for w in ws]
     sandwich = [j for j in range(n) if all(is_1x1[:j]) and all(is_1x1[j + 1:])]
     out: list[tuple[int, Callable]] = [(j, _sandwich) for j in sorted(sandwich, key=lambda j: abs(2 * j - (n - 1)))]
-    if n - 1 not in sandwich:
-        out.append((n - 1, _last))
-    if 0 not in sandwich:
-        out.append((0, _first))
-    for j in range(1, n - 1):
-        entries = rows * ws[j].numel() // groups
-        if j not in sandwich and entries <= MAX_EXPLICIT_ENTRIES and groups * entries <= 10 * MAX_EXPLICIT_ENTRIES:
-            out.append((j, _explicit))
-    return out
+    others = [(n - 1, _last), (0, _first)] + [(j, _explicit) for j in range(1, n - 1)]
+    return out + [(j, f) for j, f in others if j not in sandwich and _map_entries(ws[j], f, groups, dk)
+                  <= MAX_MAP_ENTRIES]
+
+
+def _map_shape(w: torch.Tensor, solver: Callable, groups: int, dk: torch.Tensor) -> tuple[int, int]:
+    """(rows, cols) of one block of an explicit map: kernel entries reached, factor entries varied."""
+    n_g, m_g, s = dk.shape[0] // groups, dk.shape[1], dk.shape[-2] * dk.shape[-1]
+    taps = w.shape[-2] * w.shape[-1]
+    return {_last: (m_g * s, w.shape[1] * taps), _first: (n_g * s, w.shape[0] // groups * taps),
+            _explicit: (n_g * m_g * s, w.numel() // groups)}[solver]
+
+
+def _map_entries(w: torch.Tensor, solver: Callable, groups: int, dk: torch.Tensor) -> int:
+    """Entries of the explicit maps and of the factor's basis (cols x cols), all groups together."""
+    rows, cols = _map_shape(w, solver, groups, dk)
+    return groups * cols * max(rows, cols)
 
 
 def _may_reach(ws: list[torch.Tensor], groups: int, j: int, solver: Callable, dk: torch.Tensor) -> bool:
     """Cheap dimension test: a map with fewer unknowns than equations per block cannot reach every kernel."""
-    w = ws[j]
-    taps = w.shape[-2] * w.shape[-1]
-    n_g, m_g, s = dk.shape[0] // groups, dk.shape[1], dk.shape[-2] * dk.shape[-1]
     if solver is _sandwich:
-        return w.shape[1] >= m_g and w.shape[0] // groups >= n_g
-    if solver is _last:
-        return w.shape[1] * taps >= m_g * s
-    if solver is _first:
-        return (w.shape[0] // groups) * taps >= n_g * s
-    return w.numel() // groups >= n_g * m_g * s
+        return ws[j].shape[1] >= dk.shape[1] and ws[j].shape[0] >= dk.shape[0]
+    rows, cols = _map_shape(ws[j], solver, groups, dk)
+    return cols >= rows
 
 
 def _evaluate(ws: list[torch.Tensor], groups: int, dk: torch.Tensor, k_target: torch.Tensor, j: int,

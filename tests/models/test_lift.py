@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -261,3 +262,26 @@ def test_a_node_without_factors_starts_from_the_seeded_expansion():
     target = random_compact_state(net.double(), 9)
     report = lift(seeded_expansion(net, "cl+fc", rate=2, seed=5).double(), target)
     assert not report.fallbacks and report.max_residual <= TOL
+
+
+def test_a_layer_whose_maps_are_too_large_to_form_falls_back_unchanged(monkeypatch):
+    lift_module = importlib.import_module("models.lift")
+    monkeypatch.setattr(lift_module, "MAX_MAP_ENTRIES", 0)  # CK has no sandwich factor: no candidate is left
+    torch.manual_seed(0)
+    net = LiftNet(5).double()
+    e = models.expand(net, "ck", rate=4).double()
+    before = [c.weight.detach().clone() for c in e.body[0].chain]
+    target = random_compact_state(net, 10)
+    k_before = e.body[0].to_compact().weight.detach()
+    (x,) = lift(e, target).layers
+    assert x.fallback and x.map_rank == 0
+    assert all(torch.equal(c.weight, b) for c, b in zip(e.body[0].chain, before, strict=True))
+    t = target["body.0.weight"]
+    assert x.residual == pytest.approx(((k_before - t).norm() / t.norm()).item(), rel=1e-12)
+
+
+def test_a_shared_expanded_layer_is_refused():
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+    e = models.expand(nn.Sequential(conv, nn.ReLU(), conv), "cl", rate=2)
+    with pytest.raises(ValueError, match="shared by '0', '2'"):
+        lift(e, models.trainable_state(models.contract(e)))
