@@ -89,25 +89,24 @@ def lift_and_check(net: nn.Module, strategy: str, rate: float, mode: str, seed: 
     return report
 
 
-CASES = [
-    # strategy, net, rate, expected (kind, factor) of the lifted layers in order
-    ("cl", lambda: LiftNet(3, stride=2), 4, [("cl", 1), ("cl", 1)]),
-    ("cl", lambda: LiftNet(5, groups=2, bias=False), 2, [("cl", 1), ("cl", 1)]),
-    ("cl", lambda: LiftNet(7, stride=2, groups="dw"), 4, [("cl", 1), ("cl", 1)]),
-    ("ck", lambda: LiftNet(5, stride=2), 4, [("ck", 1)]),
-    ("ck", lambda: LiftNet(7, stride=2, groups=2), 4, [("ck", 2)]),
-    ("ck", lambda: LiftNet(5, groups="dw", bias=False), 4, [("ck", 1)]),
-    ("ck", lambda: LiftNet(7, groups="dw"), 4, [("ck", 1)]),  # only the middle factor reaches (explicit map)
-    ("ck", lambda: LiftNet(5, cin=8, cout=2), 2, [("ck", 0)]),  # only the first factor reaches
-    ("fc", lambda: LiftNet(3), 4, [("fc", 1)]),
-    ("cl+fc", lambda: LiftNet(3, stride=2, groups=2), 1, [("cl", 1), ("cl", 1), ("fc", 1)]),
-    ("ck+fc", lambda: LiftNet(7, stride=2), 4, [("ck", 2), ("fc", 1)]),
-    ("cl", mobilenet_layers, 4, [("cl", 1), ("cl", 1), ("cl", 1)]),
+CASES = [  # strategy, net, rate, (kind, factor) of the lifted layers in order; id
+    ("cl", lambda: LiftNet(3, stride=2), 4, [("cl", 1), ("cl", 1)], "cl-3x3-stride2"),
+    ("cl", lambda: LiftNet(5, groups=2, bias=False), 2, [("cl", 1), ("cl", 1)], "cl-5x5-groups2-nobias"),
+    ("cl", lambda: LiftNet(7, stride=2, groups="dw"), 4, [("cl", 1), ("cl", 1)], "cl-7x7-depthwise-stride2"),
+    ("ck", lambda: LiftNet(5, stride=2), 4, [("ck", 1)], "ck-5x5-stride2"),
+    ("ck", lambda: LiftNet(7, stride=2, groups=2), 4, [("ck", 2)], "ck-7x7-groups2-stride2"),
+    ("ck", lambda: LiftNet(5, groups="dw", bias=False), 4, [("ck", 1)], "ck-5x5-depthwise-nobias"),
+    ("ck", lambda: LiftNet(7, groups="dw"), 4, [("ck", 1)], "ck-7x7-depthwise-middle-factor"),
+    ("ck", lambda: LiftNet(5, cin=8, cout=2), 2, [("ck", 0)], "ck-5x5-first-factor"),
+    ("fc", lambda: LiftNet(3), 4, [("fc", 1)], "fc"),
+    ("cl+fc", lambda: LiftNet(3, stride=2, groups=2), 1, [("cl", 1), ("cl", 1), ("fc", 1)], "cl+fc-rate1"),
+    ("ck+fc", lambda: LiftNet(7, stride=2), 4, [("ck", 2), ("fc", 1)], "ck+fc-7x7"),
+    ("cl", mobilenet_layers, 4, [("cl", 1), ("cl", 1), ("cl", 1)], "cl-mobilenetv2-blocks"),
 ]
 
 
 @pytest.mark.parametrize("mode", ["fused", "explicit"])
-@pytest.mark.parametrize("strategy,make,rate,expected", CASES, ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("strategy,make,rate,expected", [pytest.param(*c[:4], id=c[4]) for c in CASES])
 def test_lift_reaches_every_reachable_layer_kind(strategy, make, rate, expected, mode):
     report = lift_and_check(make(), strategy, rate, mode)
     assert [(x.kind, x.factor) for x in report.layers] == expected
@@ -183,11 +182,12 @@ def _brute_force_correction(layer: nn.Module, factor: int, target: torch.Tensor)
 
 
 @pytest.mark.parametrize("strategy,make,rate,factor", [
-    ("cl", lambda: nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, groups=1)), 2, 1),
-    ("fc", lambda: nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), 2, 1),
-    ("ck", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 3, 5)), 4, 1),  # last factor
-    ("ck", lambda: nn.Sequential(nn.Conv2d(1, 1, 3), nn.Conv2d(4, 1, 5)), 2, 0),  # first factor
-    ("ck", lambda: nn.Sequential(nn.Conv2d(1, 1, 3), nn.Conv2d(2, 2, 7, groups=2)), 4, 1),  # explicit middle
+    pytest.param("cl", lambda: nn.Sequential(nn.Conv2d(2, 3, 3, stride=2)), 2, 1, id="cl-sandwich"),
+    pytest.param("fc", lambda: nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), 2, 1, id="fc-sandwich"),
+    pytest.param("ck", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 3, 5)), 4, 1, id="ck-last"),
+    pytest.param("ck", lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 1, 5)), 2, 0, id="ck-first"),
+    pytest.param("ck", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 7, groups=2)), 4, 1,
+                 id="ck-grouped-explicit-middle"),
 ])
 def test_the_correction_is_minimal_norm(strategy, make, rate, factor):
     torch.manual_seed(0)
