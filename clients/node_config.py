@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig, TeacherConfig
+from pipeline.data.node_data import MANIFEST, is_node_folder
 
 DATA_DIR, TEACHER, GENERATOR = "data-dir", "teacher", "generator"
 
@@ -86,8 +87,9 @@ def node_run_config(cfg: RunConfig, node: NodeSettings) -> RunConfig:
     if not node.deployed:
         return cfg
     data_dir = _need_file(node.data_dir, DATA_DIR, "a deployed node reads only its own data folder")
-    if not data_dir.is_dir():
-        raise ValueError(f"node config {DATA_DIR!r}: {str(data_dir)!r} is not a folder")
+    if not is_node_folder(data_dir):
+        raise ValueError(f"node config {DATA_DIR!r}: {str(data_dir)!r} holds no {MANIFEST} (write this node's "
+                         "folder with: compactfl partition CONFIG --out DIR)")
     update: dict[str, Any] = {"data": cfg.data.model_copy(update={"root": data_dir})}
     if cfg.teacher is not None and cfg.distill.kind != "none":
         checkpoint = _need_file(node.teacher, TEACHER, "this run distils from a teacher")

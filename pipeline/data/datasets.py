@@ -98,7 +98,7 @@ def client_train_loader(cfg: RunConfig, partition_id: int, num_partitions: int) 
     (e.g. ``(round - 1) * local_epochs + local_epoch``) so rounds do not repeat the same order.
     """
     if is_node_folder(cfg.data.root):  # a deployed SuperNode: its own folder holds exactly its partition
-        node = load_node_data(cfg.data.root, partition_id, num_partitions)
+        node = load_node_data(cfg.data.root, partition_id, num_partitions, cfg.data.name)
         return make_train_loader(node.train, cfg.train.batch_size, seed=hash_seed(cfg.seed, partition_id),
                                  augment=cfg.data.augment)
     idx = client_partition(cfg, partition_id, num_partitions)
@@ -127,7 +127,8 @@ test_loader.__test__ = False  # type: ignore[attr-defined]  # keep pytest from c
 def test_shard_loader(cfg: RunConfig, shard: int, num_shards: int) -> CifarLoader:
     """Every ``num_shards``-th test sample from ``shard`` on (the shards cover the test set exactly once)."""
     if is_node_folder(cfg.data.root):  # a deployed SuperNode holds its shard only
-        return make_test_loader(load_node_data(cfg.data.root, shard, num_shards).test, cfg.train.eval_batch_size)
+        node = load_node_data(cfg.data.root, shard, num_shards, cfg.data.name)
+        return make_test_loader(node.test, cfg.train.eval_batch_size)
     test_set = dataset_for(cfg.data, "test")
     return make_test_loader(test_set.subset(torch.arange(shard, len(test_set), num_shards)), cfg.train.eval_batch_size)
 

@@ -80,12 +80,14 @@ class NodeData:
     train: CifarArrays
     test: CifarArrays
 
-    def check_node(self, partition_id: int, num_partitions: int) -> None:
-        """Refuse a folder written for another node (another partition id or partition count)."""
+    def check_node(self, partition_id: int, num_partitions: int, dataset: str | None = None) -> None:
+        """Refuse a folder written for another node (partition id or count) or another data set."""
         got = (self.manifest.get("partition_id"), self.manifest.get("num_partitions"))
         if got != (partition_id, num_partitions):
             raise DataError(f"{self.folder}: holds partition {got[0]} of {got[1]}, but this node is partition "
                             f"{partition_id} of {num_partitions} (node config partition-id/num-partitions)")
+        if dataset is not None and self.manifest.get("dataset") != dataset:
+            raise DataError(f"{self.folder}: holds {self.manifest.get('dataset')} data, the run trains on {dataset}")
 
 
 def _read_manifest(folder: Path) -> dict:
@@ -140,13 +142,14 @@ def _load_cached(folder: Path, _stamp: tuple) -> NodeData:
     return NodeData(folder, manifest, train, test)
 
 
-def load_node_data(folder: Path | str, partition_id: int, num_partitions: int) -> NodeData:
-    """This node's data from its own folder (cached per process); one-line DataError when it is not usable."""
+def load_node_data(folder: Path | str, partition_id: int, num_partitions: int, dataset: str | None = None) -> NodeData:
+    """This node's data from its own folder (cached per process); one-line DataError when it is not usable
+    (missing, altered, another node's, or another ``dataset``'s)."""
     folder = Path(folder).expanduser().resolve()
     if not folder.is_dir():
         raise DataError(f"node data folder {str(folder)!r} does not exist")
     stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) if p.is_file() else None
                   for p in (folder / MANIFEST, folder / ARRAYS))  # a rewritten folder is read again
     data = _load_cached(folder, stamp)
-    data.check_node(partition_id, num_partitions)
+    data.check_node(partition_id, num_partitions, dataset)
     return data

@@ -70,6 +70,9 @@ def test_missing_tampered_or_foreign_folders_are_refused_in_one_line(tmp_path: P
     with pytest.raises(DataError) as e:
         load_node_data(folder, 1, 3)
     assert "holds partition 0 of 3" in one_line_error(e)
+    with pytest.raises(DataError) as e:
+        load_node_data(folder, 0, 3, "cifar100")
+    assert "holds cifar10 data, the run trains on cifar100" in one_line_error(e)
 
     data = bytearray((folder / ARRAYS).read_bytes())
     data[len(data) // 2] ^= 0xFF

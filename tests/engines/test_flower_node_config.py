@@ -49,6 +49,7 @@ def test_a_deployed_node_replaces_every_server_path_with_its_own(tmp_path: Path)
     gen_model = models.csg_compress(models.build("smallnet7"), slice_shape=(8, 8, 7, 7), code_size=8)
     models.csg.save_generator(gen_model, tmp_path / "gen.safetensors")
     (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "partition.json").write_text("{}")  # node_run_config only checks it is a node folder
     server_paths = {"teacher": {"checkpoint": "/server/teacher"}, "distill": {"kind": "kd"},
                     "compression": {"kind": "csg", "slice_shape": [8, 8, 7, 7], "code_size": 8,
                                     "generator": "/server/gen.safetensors", "train_generator": False}}
@@ -71,6 +72,8 @@ def test_a_deployed_node_replaces_every_server_path_with_its_own(tmp_path: Path)
             node_run_config(cfg, read_node_settings({k: v for k, v in node_cfg.items() if k != missing}))
     with pytest.raises(ValueError, match="does not exist on this node"):
         node_run_config(cfg, read_node_settings({**node_cfg, "teacher": str(tmp_path / "nope")}))
+    with pytest.raises(ValueError, match="holds no partition.json"):
+        node_run_config(cfg, read_node_settings({**node_cfg, "data-dir": str(tmp_path / "teacher")}))
 
 
 def deploy_grid(nodes_dir: Path | None, clients: int = 3) -> LocalGrid:
