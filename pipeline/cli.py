@@ -1,4 +1,4 @@
-"""The ``compactfl`` command line: run, inspect, export, report, nightly.
+"""The ``compactfl`` command line: run, inspect, export, report, partition, nightly.
 
 Exit codes: 0 success, 1 a failed run or a nightly regression, 2 a usage error (bad config or override,
 missing data root, unknown model, bad arguments) reported as one line on stderr.
@@ -206,6 +206,20 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
+def cmd_partition(args: argparse.Namespace) -> int:
+    """``compactfl partition CONFIG --out DIR``: each SuperNode's own data folder (DIR/node-0, ...)."""
+    from pipeline.data import DataError
+    from pipeline.data.node_data import write_node_partitions
+
+    try:
+        folders = write_node_partitions(load_config(args.config, args.set), Path(args.out))
+    except DataError as exc:
+        raise UsageError(_one_line(exc)) from None
+    print(f"wrote {len(folders)} node folders under {args.out} (start node i with --node-config "
+          f"'partition-id=i num-partitions={len(folders)} data-dir=\"{Path(args.out).resolve()}/node-i\"')")
+    return EXIT_OK
+
+
 # -------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of all subcommands."""
@@ -243,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dirs", nargs="+")
     rp.add_argument("--out", help="folder for comparison.md/png (default: parent of the run dirs)")
     rp.set_defaults(func=cmd_report)
+
+    pt = sub.add_parser("partition", help="write each Flower node's partition to its own folder (deployment)")
+    pt.add_argument("config", help="YAML run config (data, data.partition, engine.clients, seed)")
+    pt.add_argument("--out", required=True, help="folder for node-0, node-1, ...")
+    pt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. engine.clients=3")
+    pt.set_defaults(func=cmd_partition)
 
     n = sub.add_parser("nightly", help="seeded regression suite compared with a baseline")
     n.add_argument("--suite", default="configs/nightly", help="folder of suite configs")
