@@ -4,7 +4,7 @@ A train message carries the global trainable state (``arrays``) and a ConfigReco
 server's resolved run config as JSON, so every node trains with exactly the server's config. The partition
 comes from the node config (``partition-id`` / ``num-partitions``), set by the simulation or by
 ``flower-supernode --node-config``. Replies carry only the trainable state, cast to
-``engine.transport_dtype``, plus metrics including the bytes received and sent.
+``transport.dtype``, plus metrics including the bytes received and sent.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def train(msg: Message, context: Context) -> Message:
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     state, metrics = local_train(cfg, decode_record(received), partition_id=pid, num_partitions=n,
                                  server_round=int(msg.content["config"]["server-round"]), proximal_mu=mu)
-    reply = encode_state(state, cfg.engine.transport_dtype)
+    reply = encode_state(state, cfg.transport.dtype)
     metrics.update({"partition-id": pid, "bytes-received": record_nbytes(received), "bytes-sent": record_nbytes(reply)})
     return Message(RecordDict({"arrays": reply, "metrics": MetricRecord(metrics)}), reply_to=msg)
 

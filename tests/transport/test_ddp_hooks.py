@@ -70,7 +70,7 @@ def test_parse_comm_accepts_the_four_kinds_and_names_the_field_on_errors() -> No
     assert parse_comm("none") == ("none", None)
     assert parse_comm("powersgd(4)") == ("powersgd", 4)
     for bad in ("fp8", "powersgd(0)", "powersgd", "PowerSGD(2)"):
-        with pytest.raises(ValueError, match="engine.comm"):
+        with pytest.raises(ValueError, match="transport.comm"):
             parse_comm(bad)
 
 
