@@ -56,6 +56,15 @@ def tensor_chain(name: str, transport: TransportConfig, round: int) -> Chain:
     return round_chain(transport, round) if tensor_group(name, transport) == "codec" else dense_chain(transport.dtype)
 
 
+def downlink_rules(transport: TransportConfig) -> TransportConfig:
+    """The rules of a ``delta`` downlink (the server's compressed change of the global model): the same
+    per-tensor rules, dtype and warm-up, with ``downlink.codec`` and ``downlink.error_feedback``."""
+    if transport.downlink.kind != "delta":
+        raise ValueError("transport.downlink.kind is 'full': the global model travels dense in transport.dtype")
+    return transport.model_copy(update={"codec": list(transport.downlink.codec),
+                                        "error_feedback": transport.downlink.error_feedback})
+
+
 def header(transport: TransportConfig, round: int) -> dict[str, Any]:
     """What the receiver checks before decoding: format version, chain descriptor, dense dtype."""
     return {"format": FORMAT_VERSION, "codec": round_chain(transport, round).descriptor(), "dtype": transport.dtype}

@@ -16,7 +16,7 @@ import models
 from pipeline.config import TransportConfig
 from pipeline.transport.codecs import CodecContext
 from pipeline.transport.error_feedback import ErrorFeedback
-from pipeline.transport.update import decode_encoded, encode_update, tensor_group
+from pipeline.transport.update import decode_encoded, downlink_rules, encode_update, tensor_group
 from pipeline.transport.wire import HEADER_KEY, RAW_STYPE, record_nbytes, record_to_update, update_to_record
 
 CHAIN = ["topk(frac=0.01)", "qsgd(bits=8,block=256)"]
@@ -73,6 +73,19 @@ def test_dense_warmup_rounds_send_every_tensor_in_dtype() -> None:
     assert warm.header["codec"] == "bf16"
     assert warm.nbytes == 2 * sum(v.numel() for v in update.values())
     assert encode_update(update, t, CodecContext(round=3)).header["codec"] == "topk(frac=0.01)+qsgd(bits=8,block=256)"
+
+
+def test_delta_downlink_uses_its_own_chain_under_the_same_rules() -> None:
+    t = _transport(downlink={"kind": "delta", "codec": ["qsgd(bits=4,block=128)"], "error_feedback": True})
+    down = downlink_rules(t)
+    assert down.codec == ["qsgd(bits=4,block=128)"] and down.exclude == t.exclude and down.dtype == "bf16"
+    ef = ErrorFeedback()
+    delta = _update(seed=1)
+    enc = encode_update(delta, down, CodecContext(seed=1, round=4, partition=-1), error_feedback=ef)
+    assert enc.header["codec"] == "qsgd(bits=4,block=128)"
+    assert set(record_to_update(update_to_record(enc), down, _layout(delta), round=4)) == set(delta)
+    with pytest.raises(ValueError, match="downlink.kind is 'full'"):
+        downlink_rules(_transport())
 
 
 def test_error_feedback_covers_the_codec_group_only_and_is_required_when_on() -> None:
