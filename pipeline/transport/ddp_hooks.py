@@ -6,9 +6,14 @@
   PowerSGD with its own error feedback, after ``start_iter`` plain warm-up steps): the stock hooks of
   ``torch.distributed.algorithms.ddp_comm_hooks``, which this module only counts;
 - a codec chain of :mod:`pipeline.transport.codecs` (``topk(frac=0.01)+qsgd(bits=8,block=256)``, ``sign``,
-  ...): each rank encodes each bucket (plus its error-feedback residual when ``transport.error_feedback`` is
-  on, one residual per bucket), the encoded payloads are exchanged with ``all_gather`` (allreduce cannot
-  sum payloads whose supports and scales differ per rank), and every rank decodes all of them and averages.
+  ...): each rank encodes each bucket (plus its error-feedback residuals when ``transport.error_feedback`` is
+  on, kept per parameter so that DDP's re-bucketing after the first step keeps them), the encoded payloads
+  are exchanged with ``all_gather`` (allreduce cannot sum payloads whose supports and scales differ per
+  rank), and every rank decodes all of them and averages. Stochastic rounding is seeded by (seed, step,
+  rank, bucket index); :meth:`CommStats.state_dict` holds what a resumed rank needs (step counter and
+  residuals). A resumed DDP starts with its initial buckets again, so its first step is encoded per
+  bucket differently from an uninterrupted run: resume is exact in its state, not bit-identical in that
+  step.
 
 Unit: **bytes this rank sends per step**. For allreduce specs: the tensors this rank passes to
 ``all_reduce``; a ring allreduce moves about ``2 (n-1)/n`` times this over each link, whatever n. For codec
@@ -54,6 +59,25 @@ class CommStats:
         """(bytes, steps) so far; subtract two snapshots to get an epoch's share."""
         return self.bytes, self.steps
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a codec hook continues from after a resume (one per rank): the step counter, which seeds the
+        stochastic rounding, and the error-feedback residuals (keyed by parameter name)."""
+        out = {"steps": torch.tensor([self.steps], dtype=torch.int64)}
+        if self.error_feedback is not None:
+            out.update({f"ef/{k}": v for k, v in self.error_feedback.state_dict().items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_dict` (residuals only when this hook runs error feedback)."""
+        if "steps" not in state or state["steps"].numel() != 1:
+            raise ValueError("comm hook state lacks its step counter")
+        self.steps = int(state["steps"].reshape(-1)[0])
+        residuals = {k.removeprefix("ef/"): v for k, v in state.items() if k.startswith("ef/")}
+        if self.error_feedback is not None:
+            self.error_feedback.load_state_dict(residuals)
+        elif residuals:
+            raise ValueError("comm hook state holds error-feedback residuals, but error feedback is off")
+
 
 def parse_comm(spec: str) -> tuple[str, int | None]:
     """``"powersgd(2)"`` -> ``("powersgd", 2)``; ``"fp16"`` -> ``("fp16", None)``; a codec chain ->
@@ -80,10 +104,11 @@ class _HookState:
 
 
 class _CodecState:
-    """State of the codec hook: the chain, the counters, per-bucket residuals and the seed of the rounding."""
+    """State of the codec hook: the chain, the counters, the seed of the rounding, parameter names (residuals
+    are kept per parameter, so they survive DDP re-bucketing)."""
 
-    def __init__(self, chain: Chain, stats: CommStats, process_group, seed: int) -> None:
-        self.chain, self.stats, self.process_group, self.seed = chain, stats, process_group, seed
+    def __init__(self, chain: Chain, stats: CommStats, process_group, seed: int, names: dict[int, str]) -> None:
+        self.chain, self.stats, self.process_group, self.seed, self.names = chain, stats, process_group, seed, names
         self.rank = dist.get_rank(process_group)
         self.world = dist.get_world_size(process_group)
 
@@ -113,12 +138,15 @@ def _codec_hook(state: _CodecState, bucket: dist.GradBucket) -> torch.futures.Fu
     ctx = CodecContext(seed=state.seed, round=st.steps, partition=state.rank, name=name)
     grad = buf.detach().float()
     ef = st.error_feedback
-    if ef is not None:
-        grad = ef.compensate(name, grad, st.steps)
+    if ef is not None:  # the bucket is its parameters' gradients back to back
+        names = [state.names[id(p)] for p in bucket.parameters()]
+        sizes = [p.numel() for p in bucket.parameters()]
+        grad = torch.cat([ef.compensate(n, g, st.steps) for n, g in zip(names, grad.split(sizes), strict=True)])
     encoded = chain.encode(grad, ctx)
     own = chain.decode(encoded)
     if ef is not None:
-        ef.record(name, grad, own, st.steps)
+        for n, c, o in zip(names, grad.split(sizes), own.split(sizes), strict=True):
+            ef.record(n, c, o, st.steps)
     payload = encoded.to_bytes().to(buf.device)
     payloads = _gather_payloads(payload, state.process_group)
     total = torch.zeros_like(own)
@@ -179,7 +207,8 @@ def register_comm_hook(model: nn.Module, spec: str, *, process_group=None, power
     if kind == "codec":
         ef = ErrorFeedback(residual_decay) if error_feedback else None
         stats = CommStats(spec=spec, error_feedback=ef)
-        model.register_comm_hook(_CodecState(parse_chain(spec), stats, process_group, seed), _codec_hook)
+        names = {id(p): n for n, p in model.module.named_parameters()}
+        model.register_comm_hook(_CodecState(parse_chain(spec), stats, process_group, seed, names), _codec_hook)
         return stats
     if error_feedback:
         raise ValueError(f"transport.error_feedback applies to codec chains, not to comm {spec!r}")

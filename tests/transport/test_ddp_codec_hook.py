@@ -61,7 +61,8 @@ def _run(rank: int, model: nn.Module, spec: str, bucket_cap_mb: float, gathered:
         opt.step()
     assert stats.bytes == expected_bytes and stats.steps == STEPS
     return {"bytes": stats.bytes, "last_step_bytes": stats.last_step_bytes, "buckets": sorted(buckets),
-            "residuals": len(stats.error_feedback.residuals), "numel": sum(p.numel() for p in model.parameters())}
+            "residuals": sorted(stats.error_feedback.residuals), "numel": sum(p.numel() for p in model.parameters()),
+            "params": sorted(n for n, _ in model.named_parameters())}
 
 
 def _worker(rank: int, store_path: str, out_dir: str) -> None:
@@ -106,10 +107,11 @@ def test_codec_hook_averages_decoded_payloads_and_counts_their_bytes(tmp_path: P
     mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     single, buckets = ranks[0]["single"], ranks[0]["buckets"]
-    assert single["buckets"] == [1] and single["residuals"] == 1
+    assert single["buckets"] == [1] and single["residuals"] == single["params"] == ["1.weight"]
     # 5% of 3072 values at 4 bits + 3 scales + indices: far below the 12,288 dense fp32 bytes
     assert single["last_step_bytes"] < 0.1 * 4 * single["numel"]
-    assert buckets["buckets"][-1] > 1 and buckets["residuals"] == buckets["buckets"][-1]  # DDP re-buckets after step 1
+    assert buckets["buckets"][-1] > 1  # DDP re-buckets after the first step; residuals are kept per parameter
+    assert buckets["residuals"] == buckets["params"] and len(buckets["params"]) == 6
     # sign: one bit per element, one fp32 scale and an 8-byte length word per bucket
     nb = buckets["buckets"][-1]
     assert buckets["last_step_bytes"] <= buckets["numel"] / 8 + nb * (4 + 8 + 1)
