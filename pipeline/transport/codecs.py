@@ -59,24 +59,6 @@ class Encoded:
         """Exact bytes of the parts (the shape is agreed by both sides from the model and does not travel)."""
         return sum(p.numel() * p.element_size() for p in self.parts.values())
 
-    def to_bytes(self) -> torch.Tensor:
-        """Parts concatenated as one uint8 buffer (for collectives); lengths derive from the chain, see
-        :meth:`Chain.from_bytes`, except variable ones, which get a 4-byte length prefix."""
-        chunks = []
-        for name, part in self.parts.items():
-            raw = part.contiguous().view(torch.uint8).reshape(-1)
-            if name in _VARIABLE_PARTS:
-                chunks.append(torch.tensor(list(raw.numel().to_bytes(4, "little")), dtype=torch.uint8,
-                                           device=raw.device))
-            chunks.append(raw)
-        if not chunks:
-            return torch.zeros(0, dtype=torch.uint8)
-        return torch.cat(chunks)
-
-
-#: parts whose length depends on the data (not only on the shape and the chain).
-_VARIABLE_PARTS = {"indices"}
-
 
 def _numel(shape: tuple[int, ...]) -> int:
     return int(math.prod(shape))
@@ -101,6 +83,10 @@ class Codec:
     def values_numel(self, numel: int) -> int:
         """Length of the ``values`` part for an input of ``numel`` elements."""
         return numel
+
+    def part_numels(self, numel: int) -> dict[str, int | None]:
+        """Element count of each part for an input of ``numel`` elements (None: depends on the data)."""
+        raise NotImplementedError
 
     def _encode(self, x: torch.Tensor, gen: torch.Generator | None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -159,6 +145,9 @@ class Cast(Codec):
     def part_dtypes(self) -> dict[str, torch.dtype]:
         return {"values": _HALF[self.dtype]}
 
+    def part_numels(self, numel: int) -> dict[str, int | None]:
+        return {"values": numel}
+
     def _encode(self, x: torch.Tensor, gen: torch.Generator | None) -> dict[str, torch.Tensor]:
         if self.dtype == "fp16":
             x = x.clamp(-_FP16_MAX, _FP16_MAX)
@@ -194,6 +183,9 @@ class QSGD(Codec):
 
     def part_dtypes(self) -> dict[str, torch.dtype]:
         return {"levels": torch.uint8, "scales": torch.float32}
+
+    def part_numels(self, numel: int) -> dict[str, int | None]:
+        return {"levels": packed_len(numel, self.bits), "scales": self._blocks(numel)}
 
     def needs_generator(self) -> bool:
         return True
@@ -263,6 +255,9 @@ class TopK(Codec):
     def part_dtypes(self) -> dict[str, torch.dtype]:
         return {"values": torch.float32, "indices": torch.uint8}
 
+    def part_numels(self, numel: int) -> dict[str, int | None]:
+        return {"values": self.values_numel(numel), "indices": None}
+
     def values_numel(self, numel: int) -> int:
         if numel == 0:
             return 0
@@ -302,6 +297,9 @@ class Sign(Codec):
 
     def part_dtypes(self) -> dict[str, torch.dtype]:
         return {"signs": torch.uint8, "scale": torch.float32}
+
+    def part_numels(self, numel: int) -> dict[str, int | None]:
+        return {"signs": packed_len(numel, 1), "scale": 1}
 
     def _encode(self, x: torch.Tensor, gen: torch.Generator | None) -> dict[str, torch.Tensor]:
         scale = x.abs().float().mean().reshape(1) if x.numel() else x.new_zeros(1).float()
@@ -397,23 +395,46 @@ class Chain(Codec):
         assert values is not None
         return values.view(encoded.shape)
 
+    def part_numels(self, numel: int) -> dict[str, int | None]:
+        if not self.stages:
+            return {"values": numel}
+        out: dict[str, int | None] = {}
+        for i, stage in enumerate(self.stages):
+            last = i == len(self.stages) - 1
+            out.update({k: v for k, v in stage.part_numels(numel).items() if last or k != "values"})
+            numel = stage.values_numel(numel)
+        return out
+
+    def to_bytes(self, encoded: Encoded) -> torch.Tensor:
+        """The parts of ``encoded`` as one uint8 buffer (for collectives). Parts whose length depends on the
+        data get a 4-byte little-endian length prefix; the others' lengths follow from the shape."""
+        variable = {k for k, v in self.part_numels(_numel(encoded.shape)).items() if v is None}
+        chunks = []
+        for name, part in encoded.parts.items():
+            raw = part.contiguous().view(torch.uint8).reshape(-1)
+            if name in variable:
+                prefix = list(raw.numel().to_bytes(4, "little"))
+                chunks.append(torch.tensor(prefix, dtype=torch.uint8, device=raw.device))
+            chunks.append(raw)
+        return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)
+
     def from_bytes(self, data: torch.Tensor, shape: tuple[int, ...]) -> Encoded:
-        """Inverse of :meth:`Encoded.to_bytes` for a tensor of ``shape`` (untrusted input: ValueError)."""
+        """Inverse of :meth:`to_bytes` for a tensor of ``shape`` (untrusted input: ValueError)."""
         if data.dtype != torch.uint8 or data.dim() != 1:
             raise ValueError("payload must be a 1-D uint8 buffer")
-        numel = _numel(shape)
-        counts = self._part_numels(numel)
+        counts = self.part_numels(_numel(shape))
         parts, pos = {}, 0
         for name, dtype in self.part_dtypes().items():
             itemsize = torch.empty(0, dtype=dtype).element_size()
-            if name in _VARIABLE_PARTS:
+            count = counts[name]
+            if count is None:
                 if pos + 4 > data.numel():
                     raise ValueError(f"payload ends before the length of part {name!r}")
                 nbytes = int.from_bytes(bytes(data[pos:pos + 4].tolist()), "little")
                 pos += 4
             else:
-                nbytes = counts[name] * itemsize
-            if pos + nbytes > data.numel():
+                nbytes = count * itemsize
+            if nbytes % itemsize or pos + nbytes > data.numel():
                 raise ValueError(f"payload ends inside part {name!r}")
             chunk = data[pos:pos + nbytes].clone()
             parts[name] = chunk.view(dtype) if itemsize > 1 else chunk
@@ -421,19 +442,6 @@ class Chain(Codec):
         if pos != data.numel():
             raise ValueError(f"payload has {data.numel() - pos} trailing bytes")
         return Encoded(self.descriptor(), tuple(shape), parts)
-
-    def _part_numels(self, numel: int) -> dict[str, int]:
-        """Element count of every fixed-length part for an input of ``numel`` elements."""
-        counts: dict[str, int] = {"values": numel}
-        n = numel
-        for stage in self.stages:
-            if isinstance(stage, QSGD):
-                counts.update(levels=packed_len(n, stage.bits), scales=stage._blocks(n))
-            elif isinstance(stage, Sign):
-                counts.update(signs=packed_len(n, 1), scale=1)
-            n = stage.values_numel(n)
-            counts["values"] = n
-        return counts
 
 
 # ----------------------------------------------------------------------------------------------- parsing

@@ -147,7 +147,7 @@ def _codec_hook(state: _CodecState, bucket: dist.GradBucket) -> torch.futures.Fu
     if ef is not None:
         for n, c, o in zip(names, grad.split(sizes), own.split(sizes), strict=True):
             ef.record(n, c, o, st.steps)
-    payload = encoded.to_bytes().to(buf.device)
+    payload = chain.to_bytes(encoded).to(buf.device)
     payloads = _gather_payloads(payload, state.process_group)
     total = torch.zeros_like(own)
     for rank, data in enumerate(payloads):

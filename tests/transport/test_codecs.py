@@ -138,8 +138,10 @@ def test_descriptors_parse_back_to_the_same_chain_and_bytes_round_trip(spec: str
     x = _x(3000).view(30, 100)
     enc = chain.encode(x, CTX)
     assert enc.codec == chain.descriptor()
-    back = chain.from_bytes(enc.to_bytes(), enc.shape)
+    back = chain.from_bytes(chain.to_bytes(enc), enc.shape)
     assert torch.equal(chain.decode(back), chain.decode(enc))
+    counts = chain.part_numels(x.numel())
+    assert all(n is None or enc.parts[k].numel() == n for k, n in counts.items()) and list(counts) == list(enc.parts)
 
 
 @pytest.mark.parametrize(("spec", "needle"), [
@@ -170,3 +172,17 @@ def test_decoding_refuses_a_payload_of_another_chain() -> None:
         parse_chain("qsgd(bits=8)").decode(enc)
     with pytest.raises(TypeError, match="float"):
         Chain([QSGD(4)]).encode(torch.arange(4))
+
+
+def test_collective_payloads_refuse_wrong_lengths() -> None:
+    chain = parse_chain("topk(frac=0.1)+qsgd(bits=4,block=32)")
+    enc = chain.encode(_x(640), CTX)
+    data = chain.to_bytes(enc)
+    assert data.numel() == enc.nbytes + 4  # the index stream's length prefix
+    for bad in (data[:-1], torch.cat([data, data[:3]]), data[:2], torch.zeros(0, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match="payload"):
+            chain.from_bytes(bad, enc.shape)
+    huge = data.clone()
+    huge[:4] = torch.tensor([255, 255, 255, 127], dtype=torch.uint8)  # an index stream longer than the payload
+    with pytest.raises(ValueError, match="ends inside part 'indices'"):
+        chain.from_bytes(huge, enc.shape)
