@@ -291,7 +291,8 @@ def transport_problem(t: TransportConfig, engine: str) -> str | None:
     """
     d = TransportConfig()
     if engine == "flower":
-        for key in ("codec", "error_feedback", "exclude", "dense_warmup_rounds", "downlink", "comm"):
+        for key in ("codec", "error_feedback", "residual_decay", "exclude", "dense_warmup_rounds", "downlink",
+                    "comm"):
             if getattr(t, key) != getattr(d, key):
                 return (f"transport.{key}: not applied by the flower engine yet (it sends the trainable state in "
                         "transport.dtype); the ray engine compresses with transport.comm")
@@ -302,6 +303,8 @@ def transport_problem(t: TransportConfig, engine: str) -> str | None:
             if getattr(t, key) != getattr(d, key):
                 return f"transport.{key}: not used by the ray engine (it encodes whole gradient buckets with " \
                        "transport.comm)"
+        if t.residual_decay != d.residual_decay and not t.error_feedback:
+            return "transport.residual_decay: applies only with transport.error_feedback: true"
         if t.error_feedback and STOCK_COMM.fullmatch(t.comm):
             return (f"transport.error_feedback: applies to library codecs in transport.comm, not to "
                     f"{t.comm!r} (powersgd keeps its own error feedback)")

@@ -35,6 +35,8 @@ def test_chains_are_stored_canonically_from_strings_lists_and_split_yaml_lists()
                                                   "transport.comm"),
     (["engine.kind=ray", "transport.error_feedback=true"], "transport.error_feedback: applies to library codecs"),
     (["engine.kind=flower", "transport.codec=sign"], "transport.codec: not applied by the flower engine yet"),
+    (["engine.kind=ray", "transport.comm=sign", "transport.residual_decay=0.5"],
+     "transport.residual_decay: applies only with transport.error_feedback"),
 ])
 def test_transport_mistakes_are_one_line_config_errors(overrides: list[str], needle: str) -> None:
     with pytest.raises(ConfigError) as err:
