@@ -54,7 +54,8 @@ def make_config(args: argparse.Namespace, variant: str, out: Path) -> RunConfig:
                  "partition": {"kind": "dirichlet", "alpha": args.alpha, "min_size": 10}},
         "model": {"name": args.model}, "compression": compression,
         "engine": {"kind": "flower", "rounds": args.rounds, "clients": args.clients, "min_train_nodes": 1,
-                   "local_epochs": args.local_epochs, "transport_dtype": dtype, "strategy": "fedavg"},
+                   "local_epochs": args.local_epochs, "strategy": "fedavg"},
+        "transport": {"dtype": dtype},
         "train": {"batch_size": args.batch_size, "lr": args.lr, "momentum": 0.9, "weight_decay": 5e-4,
                   "eval_batch_size": 500},
     })

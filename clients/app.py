@@ -5,7 +5,7 @@ server's resolved run config as JSON, so every node trains with exactly the serv
 comes from the node config (``partition-id`` / ``num-partitions``), set by the simulation or by
 ``flower-supernode --node-config``; a deployed node (``data-dir`` in its node config) reads its data, teacher
 and generator only from its node config (``clients/node_config.py``), never from paths in the message.
-Replies carry only the trainable state, cast to ``engine.transport_dtype``, plus metrics including the bytes
+Replies carry only the trainable state, cast to ``transport.dtype``, plus metrics including the bytes
 received and sent.
 """
 
@@ -41,7 +41,7 @@ def train(msg: Message, context: Context) -> Message:
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     state, metrics = local_train(cfg, decode_record(received), partition_id=pid, num_partitions=n,
                                  server_round=int(msg.content["config"]["server-round"]), proximal_mu=mu)
-    reply = encode_state(state, cfg.engine.transport_dtype)
+    reply = encode_state(state, cfg.transport.dtype)
     metrics.update({"partition-id": pid, "bytes-received": record_nbytes(received), "bytes-sent": record_nbytes(reply)})
     return Message(RecordDict({"arrays": reply, "metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -177,8 +177,10 @@ def train_func(config: dict[str, Any]) -> None:
     train_loader, test_loader = shard_loaders(cfg, rank, world)
     ddp = ray.train.torch.prepare_model(model, move_to_device=device,
                                         parallel_strategy_kwargs={"forward_sync_buffers": False})
-    stats = (register_comm_hook(ddp, cfg.engine.comm, seed=cfg.seed)
-             if isinstance(ddp, nn.parallel.DistributedDataParallel) else CommStats(spec=cfg.engine.comm))
+    tr = cfg.transport
+    stats = (register_comm_hook(ddp, tr.comm, seed=cfg.seed, error_feedback=tr.error_feedback,
+                                residual_decay=tr.residual_decay)
+             if isinstance(ddp, nn.parallel.DistributedDataParallel) else CommStats(spec=tr.comm))
     epochs = cfg.train.epochs
     mark: dict[str, Any] = {}
 
@@ -192,7 +194,7 @@ def train_func(config: dict[str, Any]) -> None:
         b0, s0 = mark["comm"]
         comm = (stats.bytes - b0, stats.steps - s0)
         test = evaluate(unwrap(ddp), test_loader, device)
-        rec = epoch_record(record, test, comm, time.perf_counter() - mark["t"], cfg.engine.comm, world, device)
+        rec = epoch_record(record, test, comm, time.perf_counter() - mark["t"], tr.comm, world, device)
         rec["start_epoch"] = start_epoch  # > 0: this epoch was trained by an attempt resumed from a checkpoint
         rec["bytes_last_step"] = stats.last_step_bytes
         history.append(rec)

@@ -121,7 +121,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                            timeout=cfg.engine.round_timeout, config=round_config, on_round=on_round)
     models.load_trainable_state(model, decode_record(final))
     extra = {"rounds": len(history), "clients": cfg.engine.clients,
-             "strategy": cfg.engine.strategy, "transport_dtype": cfg.engine.transport_dtype,
+             "strategy": cfg.engine.strategy, "transport_dtype": cfg.transport.dtype,
              "payload_bytes_up_per_client": history[-1]["bytes_up_per_client"] if history else 0,
              "flower_seconds": time.perf_counter() - started}
     return finish_run(cfg, model, history, run_dir, extra=extra)

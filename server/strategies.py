@@ -3,7 +3,7 @@
 :class:`CompactflHooks` is mixed in front of each Flower strategy class; aggregation itself stays Flower's.
 The hooks:
 - transport: the strategy keeps an fp32 master ``ArrayRecord``; messages carry it cast to
-  ``engine.transport_dtype`` (FedOpt's ``current_arrays`` therefore stay fp32);
+  ``transport.dtype`` (FedOpt's ``current_arrays`` therefore stay fp32);
 - accounting: every ArrayRecord sent and received is measured (:mod:`server.accounting`);
 - validation: every reply is checked (:mod:`server.validation`); failures and invalid replies are dropped
   with a log line naming the node and the reason and counted in the round's metrics;
@@ -187,5 +187,5 @@ def build_strategy(cfg: RunConfig) -> CompactflHooks:
         strategy = CompactflKrum(**common, num_malicious_nodes=eng.krum_byzantine)
     else:  # pragma: no cover - the config schema only admits the names above
         raise ValueError(f"engine.strategy: unknown strategy {kind!r}")
-    strategy.setup_hooks(eng.transport_dtype)
+    strategy.setup_hooks(cfg.transport.dtype)
     return strategy

@@ -37,8 +37,9 @@ def sim_config(out: Path, name: str) -> dict:
                                                                       "min_size": 10}},
         "model": {"name": "smallnet3"},
         "compression": {"kind": "csg", "slice_shape": [8, 8, 3, 3], "code_size": 8},
-        "engine": {"kind": "flower", "rounds": 2, "clients": 5, "min_train_nodes": 2, "transport_dtype": "bf16",
+        "engine": {"kind": "flower", "rounds": 2, "clients": 5, "min_train_nodes": 2,
                    "fault_nodes": {1: "raise", 2: "nan", 4: "shape"}, "round_timeout": 240},
+        "transport": {"dtype": "bf16"},
         "train": {"batch_size": 32, "lr": 0.05, "max_batches": 2, "eval_batch_size": 64},
     }
 

@@ -46,7 +46,8 @@ def scenario_configs(out: Path) -> dict[str, dict[str, Any]]:
         # KD from a teacher the driver trains once (workers load its saved copy); rank 1 dies once in epoch 2
         # and the restarted attempt resumes from the epoch-1 checkpoint
         "expand": {**cfg("expand", "smallnet7", {"kind": "expand", "strategy": "ck", "rate": 4}, epochs=2,
-                         comm="fp16", fail_at_epoch=2),
+                         fail_at_epoch=2),
+                   "transport": {"comm": "fp16"},
                    "teacher": {"model": {"name": "smallnet3"}, "train": {"epochs": 1, "max_batches": 1}},
                    "distill": {"kind": "kd", "T": 4.0, "alpha": 0.9}},
         "resume": cfg("dense", "resnet20", epochs=2),  # same name + storage as "dense": continues it

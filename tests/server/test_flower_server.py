@@ -44,13 +44,14 @@ from server.validation import check_reply, expected_layout
 REPO = Path(__file__).resolve().parents[2]
 
 
-def tiny_config(tmp_path: Path, **engine) -> dict:
+def tiny_config(tmp_path: Path, transport_dtype: str = "fp32", **engine) -> dict:
     """A 3-client SmallNet-3 run on a slice of the embedded CIFAR-10 subset (seconds per round)."""
     return {
         "name": "fl", "seed": 3, "device": "cpu", "output": str(tmp_path),
         "data": {"train_limit": 192, "test_limit": 64, "augment": True, "partition": {"kind": "iid"}},
         "model": {"name": "smallnet3"},
         "engine": {"kind": "flower", "rounds": 2, "clients": 3, "min_train_nodes": 1, **engine},
+        "transport": {"dtype": transport_dtype},
         "train": {"batch_size": 32, "lr": 0.05, "max_batches": 2, "eval_batch_size": 64},
     }
 
