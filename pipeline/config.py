@@ -171,9 +171,6 @@ class FlowerEngine(Strict):
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies per round")
     client_cpus: float = Field(1.0, gt=0)
     client_gpus: float = Field(0.0, ge=0)
-    fault_nodes: dict[int, Literal["raise", "nan", "shape"]] = Field(
-        default_factory=dict, description="TEST ONLY: partition id -> injected fault"
-    )
 
 
 class RayEngine(Strict):
@@ -185,7 +182,6 @@ class RayEngine(Strict):
     max_failures: int = Field(1, ge=0)
     storage_path: Path | None = Field(None, description="Ray Train storage (default: <run dir>/ray)")
     address: str | None = Field(None, description="Ray address to join (None: auto / start local)")
-    fail_at_epoch: int | None = Field(None, ge=1, description="TEST ONLY: rank 1 dies once in this epoch")
 
     @field_validator("comm")
     @classmethod

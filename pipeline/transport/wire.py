@@ -33,6 +33,8 @@ _TORCH_TO_WIRE = {torch_dtype: name for name, (_, torch_dtype) in _RAW.items()}
 #: Array.dtype string of each transport dtype of ``engine.transport_dtype``.
 WIRE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 CONFIG_KEY = "compactfl-config"
+#: a train message's learning rates, one per local epoch, from the run's schedule on the global epoch count
+LRS_KEY = "compactfl-lrs"
 
 
 def encode_tensor(tensor: torch.Tensor) -> Array:

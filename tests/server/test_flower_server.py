@@ -19,7 +19,16 @@ from flwr.app import MetricRecord, RecordDict
 
 import models
 from clients.app import app as client_app
-from clients.flower_client import client_seed, inject_fault, proximal_penalty
+from clients.flower_client import client_seed, proximal_penalty
+from pipeline.checkpoint import (
+    ResumeError,
+    ServerCheckpoint,
+    capture_rng,
+    latest_round_checkpoint,
+    list_round_checkpoints,
+    restore_rng,
+    save_round_checkpoint,
+)
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.modeling import build_training_model
 from pipeline.transport.wire import (
@@ -29,17 +38,11 @@ from pipeline.transport.wire import (
     record_nbytes,
 )
 from server.app import config_from_run_config
-from server.checkpoint import (
-    ServerCheckpoint,
-    capture_rng,
-    latest_checkpoint,
-    list_checkpoints,
-    save_checkpoint,
-)
 from server.local_grid import LocalGrid
 from server.runner import run_server
 from server.strategies import TooFewReplies, build_strategy
 from server.validation import check_reply, expected_layout
+from tests.fault_injection import corrupt_state, faulty_client_app
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,10 +58,10 @@ def tiny_config(tmp_path: Path, **engine) -> dict:
     }
 
 
-def run_local(raw: dict) -> dict:
-    """Run the ServerApp body against the real ClientApp in-process; returns the run summary."""
+def run_local(raw: dict, app=client_app) -> dict:
+    """Run the ServerApp body against the real ClientApp (or ``app``) in-process; returns the run summary."""
     cfg = config_from_dict(raw)
-    return run_server(LocalGrid(client_app, cfg.engine.clients), cfg, cfg.run_dir)
+    return run_server(LocalGrid(app, cfg.engine.clients), cfg, cfg.run_dir)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -66,7 +69,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_config_travels_as_json_unchanged(tmp_path: Path) -> None:
-    cfg = config_from_dict(tiny_config(tmp_path, fault_nodes={1: "nan"}, transport_dtype="bf16"))
+    cfg = config_from_dict(tiny_config(tmp_path, transport_dtype="bf16"))
     assert config_from_json(config_to_json(cfg)) == cfg
 
 
@@ -82,8 +85,8 @@ def test_validation_accepts_good_replies_and_names_each_fault() -> None:
     assert reason is None and set(decoded) == set(state)
     first = next(iter(state))
     cases = {
-        "non-finite": inject_fault(state, "nan"),
-        "shape": inject_fault(state, "shape"),
+        "non-finite": corrupt_state(state, "nan"),
+        "shape": corrupt_state(state, "shape"),
         "missing key": {k: v for k, v in state.items() if k != first},
         "unexpected key": {**state, "extra.weight": torch.zeros(2)},
     }
@@ -127,16 +130,15 @@ def test_client_seeds_differ_per_round_and_partition() -> None:
 
 # ----------------------------------------------------------------------------- server runs (in-process)
 def test_faulty_clients_are_dropped_bytes_match_payloads_and_clients_evaluate(tmp_path: Path) -> None:
-    raw = tiny_config(tmp_path, clients=4, rounds=1, transport_dtype="bf16", evaluate_fraction=1.0,
-                      fault_nodes={1: "raise", 2: "nan", 3: "shape"})
+    raw = tiny_config(tmp_path, clients=4, rounds=1, transport_dtype="bf16", evaluate_fraction=1.0)
     raw["compression"] = {"kind": "csg", "slice_shape": [8, 8, 3, 3], "code_size": 8}
-    summary = run_local(raw)
+    summary = run_local(raw, faulty_client_app({1: "raise", 2: "nan", 3: "shape"}))
     record = json.loads((tmp_path / "fl" / "metrics.json").read_text())["history"][0]
     assert (record["replies_ok"], record["replies_failed"], record["replies_dropped"]) == (1, 1, 2)
     cfg = config_from_dict(raw)
     state = models.trainable_state(build_training_model(cfg))
     payload = record_nbytes(encode_state(state, "bf16"))
-    wrong_shape = record_nbytes(encode_state(inject_fault(state, "shape"), "bf16"))
+    wrong_shape = record_nbytes(encode_state(corrupt_state(state, "shape"), "bf16"))
     assert record["bytes_down"] == 8 * payload  # train + federated-evaluate messages to all 4 nodes
     # the evaluate shards cover the test set once: their weighted accuracy is the centralised one
     assert record["federated_test_accuracy"] == pytest.approx(record["test_accuracy"])
@@ -148,10 +150,10 @@ def test_faulty_clients_are_dropped_bytes_match_payloads_and_clients_evaluate(tm
 
 
 def test_too_few_valid_replies_stop_the_run_with_a_clear_message(tmp_path: Path) -> None:
-    raw = tiny_config(tmp_path, clients=2, rounds=1, min_train_nodes=2, fault_nodes={0: "raise"})
+    raw = tiny_config(tmp_path, clients=2, rounds=1, min_train_nodes=2)
     expected = r"round 1: only 1 valid replies \(1 failed, 0 dropped\).*min_train_nodes=2"
     with pytest.raises(TooFewReplies, match=expected):
-        run_local(raw)
+        run_local(raw, faulty_client_app({0: "raise"}))
 
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
@@ -163,9 +165,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
 
     straight = run_local(raw_for("straight", 2, False))
     run_local(raw_for("killed", 1, False))
-    ckpts = list_checkpoints(tmp_path / "killed" / "checkpoints")
+    ckpts = list_round_checkpoints(tmp_path / "killed" / "checkpoints")
     assert [p.name for p in ckpts] == ["round-0001.safetensors"]
-    assert any(k.startswith("m_t/") for k in latest_checkpoint(ckpts[0].parent).strategy_state)
+    assert any(k.startswith("m_t/") for k in latest_round_checkpoint(ckpts[0].parent).strategy_state)
     resumed = run_local(raw_for("killed", 2, True))
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
     assert a.keys() == b.keys()
@@ -187,18 +189,18 @@ def test_checkpoint_round_trip_restores_rng_and_refuses_another_config(tmp_path:
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     state = {"w": torch.randn(3, 2)}
     for rnd in (1, 2, 3):
-        save_checkpoint(tmp_path / "ck", ServerCheckpoint(rnd, state, {"m_t/w": np.ones((3, 2), np.float32)},
+        save_round_checkpoint(tmp_path / "ck", ServerCheckpoint(rnd, state, {"m_t/w": np.ones((3, 2), np.float32)},
                                                           [{"round": rnd}], rng), cfg)
-    assert [p.name for p in list_checkpoints(tmp_path / "ck")] == ["round-0002.safetensors", "round-0003.safetensors"]
-    ckpt = latest_checkpoint(tmp_path / "ck", cfg)
+    assert [p.name for p in list_round_checkpoints(tmp_path / "ck")] == ["round-0002.safetensors",
+                                                                         "round-0003.safetensors"]
+    ckpt = latest_round_checkpoint(tmp_path / "ck", cfg)
     assert ckpt.round == 3 and ckpt.history[-1] == {"round": 3} and torch.equal(ckpt.global_state["w"], state["w"])
-    from server.checkpoint import restore_rng
-
+    assert ckpt.strategy_state["m_t/w"].dtype == np.float32
     restore_rng(ckpt.rng)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
     other = config_from_dict({**tiny_config(tmp_path), "model": {"name": "smallnet7"}})
-    with pytest.raises(ValueError, match="section 'model' differs"):
-        latest_checkpoint(tmp_path / "ck", other)
+    with pytest.raises(ResumeError, match="different model.name"):
+        latest_round_checkpoint(tmp_path / "ck", other)
 
 
 # ------------------------------------------------------------------------------------------- flwr run
