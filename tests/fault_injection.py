@@ -37,8 +37,9 @@ def corrupt_state(state: dict[str, torch.Tensor], fault: str) -> dict[str, torch
     return state
 
 
-def faulty_client_app(faults: dict[int, str]) -> ClientApp:
-    """``clients.app.app`` whose train replies from partition ids in ``faults`` are broken as named there."""
+def faulty_client_app(faults: dict[int, str], rounds: set[int] | None = None) -> ClientApp:
+    """``clients.app.app`` whose train replies from partition ids in ``faults`` are broken as named there
+    (in every round, or only in ``rounds``)."""
     from clients.app import app as honest
     from pipeline.transport.wire import decode_record, encode_state
 
@@ -50,6 +51,8 @@ def faulty_client_app(faults: dict[int, str]) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         fault = faults.get(int(context.node_config["partition-id"]))
+        if rounds is not None and int(msg.content["config"]["server-round"]) not in rounds:
+            fault = None
         if fault == "raise":
             raise RuntimeError(f"injected fault: partition {context.node_config['partition-id']} raises")
         reply = honest(msg, context)

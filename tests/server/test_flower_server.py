@@ -239,3 +239,94 @@ def test_a_teacher_to_train_is_trained_once_on_the_server_before_any_client(tmp_
     assert events == ["teacher", "server"]  # trained once, before the server starts round 1
     assert (Path(tmp_path) / "fl" / "teacher" / "model.safetensors").is_file()
     assert math.isfinite(summary["test_accuracy"])
+
+
+# --------------------------------------------------------------------------------- schedules across rounds
+def test_lr_at_is_torchs_multistep_and_cosine_schedule() -> None:
+    from pipeline.config import TrainConfig
+    from pipeline.train import lr_at
+
+    for cfg, make in [
+        (TrainConfig(lr=0.1, schedule="multistep", milestones=[2, 4, 4], gamma=0.5, epochs=7),
+         lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2, 4, 4], gamma=0.5)),
+        (TrainConfig(lr=0.1, schedule="cosine", epochs=7),
+         lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=7)),
+    ]:
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+        sched = make(opt)
+        for epoch in range(7):
+            assert lr_at(cfg, epoch) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=1e-15), (cfg, epoch)
+            opt.step()
+            sched.step()
+
+
+def _schedule_run(tmp_path: Path, name: str, schedule: dict, rounds: int = 3, resume: bool = False) -> dict:
+    raw = tiny_config(tmp_path, clients=2, rounds=rounds, local_epochs=2, min_train_nodes=2)
+    raw["train"].update(schedule)
+    return {**raw, "name": name, "resume": resume}
+
+
+@pytest.mark.parametrize("schedule", [
+    {"schedule": "multistep", "milestones": [2, 5], "gamma": 0.1},   # global epochs 0..5: milestones cross rounds
+    {"schedule": "cosine"},                                           # horizon: rounds x local_epochs = 6 epochs
+])
+def test_federated_rounds_follow_the_schedule_on_the_global_epoch_count(tmp_path: Path, schedule: dict,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server sends each round's LRs; clients apply them epoch by epoch; a crashed run resumed continues."""
+    import pipeline.train as train_mod
+    from pipeline.config import TrainConfig
+    from pipeline.train import lr_at
+    from pipeline.transport.wire import LRS_KEY
+    from tests.fault_injection import recording_client_app
+
+    applied: list[float] = []
+    real_set_lr = train_mod.set_lr
+    monkeypatch.setattr(train_mod, "set_lr", lambda opt, lr: applied.append(lr) or real_set_lr(opt, lr))
+    seen: list[dict] = []
+    run_local(_schedule_run(tmp_path, "straight", schedule), recording_client_app(seen))
+    train_cfg = TrainConfig(lr=0.05, **schedule)
+    expected = {r: [lr_at(train_cfg, (r - 1) * 2 + e, horizon=6) for e in range(2)] for r in (1, 2, 3)}
+    if schedule["schedule"] == "multistep":
+        assert expected == {1: [0.05, 0.05], 2: [pytest.approx(0.005)] * 2,
+                            3: [pytest.approx(0.005), pytest.approx(0.0005)]}
+    else:
+        assert expected[1][0] == 0.05 and expected[3][1] == pytest.approx(0.05 * (1 + math.cos(math.pi * 5 / 6)) / 2)
+    assert len(seen) == 6
+    for msg in seen:
+        assert list(msg[LRS_KEY]) == expected[msg["round"]]
+    assert applied == [lr for r in (1, 2, 3) for _ in range(2) for lr in expected[r]]  # 2 clients per round
+
+    # a run that stops after round 1 (too few replies in round 2) and is resumed ends where the straight one did
+    with pytest.raises(TooFewReplies):
+        run_local(_schedule_run(tmp_path, "crashed", schedule), faulty_client_app({1: "raise"}, rounds={2}))
+    resumed_seen: list[dict] = []
+    run_local(_schedule_run(tmp_path, "crashed", schedule, resume=True), recording_client_app(resumed_seen))
+    assert sorted((m["round"], list(m[LRS_KEY])) for m in resumed_seen) == sorted(
+        (m["round"], list(m[LRS_KEY])) for m in seen if m["round"] > 1)
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "crashed")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_flower_resume_refuses_a_changed_config(tmp_path: Path) -> None:
+    raw = tiny_config(tmp_path, rounds=2)
+    run_local(raw)
+    with pytest.raises(ResumeError, match=r"different train\.lr \(0\.05, now 0\.1\)"):
+        run_local({**raw, "resume": True, "train": {**raw["train"], "lr": 0.1}})
+    with pytest.raises(ResumeError, match=r"different engine\.strategy"):
+        run_local({**raw, "resume": True, "engine": {**raw["engine"], "strategy": "fedmedian"}})
+    with pytest.raises(ResumeError, match=r"engine\.rounds=2; a resume may only extend it"):
+        run_local({**raw, "resume": True, "engine": {**raw["engine"], "rounds": 1}})
+    summary = run_local({**raw, "resume": True, "engine": {**raw["engine"], "round_timeout": 5.0}})  # may change
+    assert summary["rounds"] == 2
+
+
+def test_checkpoints_carry_per_node_state_under_a_namespace(tmp_path: Path) -> None:
+    from pipeline.checkpoint import NodeState
+
+    cfg = config_from_dict(tiny_config(tmp_path))
+    extra = {"codec": NodeState({"node-3/residual": torch.arange(6.0).reshape(2, 3)}, {"node-3": {"age": 2}})}
+    save_round_checkpoint(tmp_path / "ck", ServerCheckpoint(1, {"w": torch.ones(2)}, {}, [], capture_rng(), extra), cfg)
+    back = latest_round_checkpoint(tmp_path / "ck", cfg).extra
+    assert back["codec"].meta == {"node-3": {"age": 2}}
+    assert torch.equal(back["codec"].tensors["node-3/residual"], extra["codec"].tensors["node-3/residual"])
