@@ -3,10 +3,9 @@
 A train message carries the global trainable state (``arrays``) and a ConfigRecord (``config``) holding the
 server's resolved run config as JSON, so every node trains with exactly the server's config, and the
 round's learning rates (one per local epoch: the server applies the run's schedule on the global epoch count,
-clients never restart a schedule). The partition
-comes from the node config (``partition-id`` / ``num-partitions``), set by the simulation or by
-``flower-supernode --node-config``. Replies carry only the trainable state, cast to
-``engine.transport_dtype``, plus metrics including the bytes received and sent.
+clients never restart a schedule). The partition comes from the node config (``partition-id`` /
+``num-partitions``), set by the simulation or by ``flower-supernode --node-config``. Replies carry only the
+trainable state, cast to ``engine.transport_dtype``, plus metrics including the bytes received and sent.
 """
 
 from __future__ import annotations

@@ -157,11 +157,13 @@ def _allowed(path: str) -> bool:
     return any(path == key or path.startswith(key + ".") for key in RESUME_MAY_CHANGE)
 
 
-def check_resume(saved: dict[str, Any], cfg: RunConfig, where: Path | str) -> None:
+def check_resume(saved: dict[str, Any], cfg: RunConfig, where: Path | str,
+                 remedy: str = "use another name/output or resume: false") -> None:
     """Refuse (:class:`ResumeError`) a resume of ``cfg`` from a checkpoint written under ``saved``.
 
     The first differing key path (in schema order) is named; :data:`RESUME_MAY_CHANGE` keys are ignored and
     :data:`RESUME_MAY_GROW` keys may grow (a cosine schedule's horizon then moves: a warning says so).
+    ``remedy`` ends the message (what the user can do instead).
     """
     old, now = _flatten(saved), _flatten(config_fingerprint(cfg))
     for path in [*now, *(p for p in old if p not in now)]:
@@ -175,10 +177,10 @@ def check_resume(saved: dict[str, Any], cfg: RunConfig, where: Path | str) -> No
                                 path, old[path], now[path])
                 continue
             raise ResumeError(f"resume: {where} was written with {path}={old[path]}; a resume may only extend it "
-                              f"(got {now[path]}); use another name/output or resume: false")
+                              f"(got {now[path]}); {remedy}")
         raise ResumeError(f"resume: {where} was written with a different {path} ({old.get(path, '<absent>')!r}, "
                           f"now {now.get(path, '<absent>')!r}); only {', '.join(RESUME_MAY_CHANGE)} may change and "
-                          f"{', '.join(RESUME_MAY_GROW)} grow; use another name/output or resume: false")
+                          f"{', '.join(RESUME_MAY_GROW)} grow; {remedy}")
 
 
 # ------------------------------------------------------------------------------ epoch checkpoints

@@ -174,8 +174,9 @@ def check_ray_resume(cfg: RunConfig, run_storage: Path) -> None:
     from pipeline.checkpoint import check_resume, epoch_checkpoint_config
 
     latest = latest_ray_checkpoint(run_storage)
-    if latest is not None:
-        check_resume(epoch_checkpoint_config(latest), cfg, latest)
+    if latest is not None:  # the ray engine always continues a run name it finds
+        check_resume(epoch_checkpoint_config(latest), cfg, latest,
+                     remedy=f"use another name or delete {Path(run_storage)} to start over")
 
 
 def comm_totals(history: list[dict[str, Any]]) -> dict[str, Any]:
