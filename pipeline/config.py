@@ -102,7 +102,8 @@ class TrainConfig(Strict):
     weight_decay: float = Field(5e-4, ge=0)
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(500, ge=1)
-    epochs: int = Field(1, ge=1, description="epochs (local/Ray); local epochs per round come from engine")
+    epochs: int = Field(1, ge=1, description="epochs and schedule horizon (local/Ray); Flower counts "
+                        "engine.rounds x engine.local_epochs global epochs instead")
     schedule: Literal["constant", "multistep", "cosine"] = "constant"
     milestones: list[int] = Field(default_factory=list, description="multistep: epochs at which lr *= gamma")
     gamma: float = Field(0.1, gt=0)

@@ -6,7 +6,8 @@ The driver joins (or starts) a Ray cluster, runs ``engine.workers`` DDP workers 
 :func:`pipeline.stages.finish_run` (finalise -> evaluate -> save -> report), like every engine.
 
 Starting the same run name with the same storage again resumes from its latest checkpoint (after a driver
-crash, or with more ``train.epochs``); delete ``<storage>/<run name>`` to start from scratch.
+crash, or with more ``train.epochs``); a config that changes the outcome is refused before any worker starts
+(:func:`check_ray_resume`); delete ``<storage>/<run name>`` to start from scratch.
 """
 
 from __future__ import annotations
