@@ -93,7 +93,7 @@ def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[st
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    data = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}  # no shared storage
     safetensors.torch.save_file(data, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta, default=float)})
     os.replace(tmp, path)
     return path
