@@ -308,9 +308,17 @@ def test_federated_rounds_follow_the_schedule_on_the_global_epoch_count(tmp_path
         assert torch.equal(a[k], b[k]), k
 
 
-def test_flower_resume_refuses_a_changed_config(tmp_path: Path) -> None:
+def test_flower_resume_refuses_a_changed_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flwr.simulation
+
+    from pipeline.engines.flower import run_flower
+
     raw = tiny_config(tmp_path, rounds=2)
     run_local(raw)
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: pytest.fail("the engine started Ray"))
+    changed = config_from_dict({**raw, "resume": True, "engine": {**raw["engine"], "local_epochs": 2}})
+    with pytest.raises(ResumeError, match=r"different engine\.local_epochs \(1, now 2\)"):
+        run_flower(changed, changed.run_dir)  # refused by the engine before any simulation starts
     with pytest.raises(ResumeError, match=r"different train\.lr \(0\.05, now 0\.1\)"):
         run_local({**raw, "resume": True, "train": {**raw["train"], "lr": 0.1}})
     with pytest.raises(ResumeError, match=r"different engine\.strategy"):
