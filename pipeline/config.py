@@ -102,7 +102,8 @@ class TrainConfig(Strict):
     weight_decay: float = Field(5e-4, ge=0)
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(500, ge=1)
-    epochs: int = Field(1, ge=1, description="epochs (local/Ray); local epochs per round come from engine")
+    epochs: int = Field(1, ge=1, description="epochs and schedule horizon (local/Ray); Flower counts "
+                        "engine.rounds x engine.local_epochs global epochs instead")
     schedule: Literal["constant", "multistep", "cosine"] = "constant"
     milestones: list[int] = Field(default_factory=list, description="multistep: epochs at which lr *= gamma")
     gamma: float = Field(0.1, gt=0)
@@ -170,9 +171,6 @@ class FlowerEngine(Strict):
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies per round")
     client_cpus: float = Field(1.0, gt=0)
     client_gpus: float = Field(0.0, ge=0)
-    fault_nodes: dict[int, Literal["raise", "nan", "shape"]] = Field(
-        default_factory=dict, description="TEST ONLY: partition id -> injected fault"
-    )
 
 
 class RayEngine(Strict):
@@ -183,7 +181,6 @@ class RayEngine(Strict):
     max_failures: int = Field(1, ge=0)
     storage_path: Path | None = Field(None, description="Ray Train storage (default: <run dir>/ray)")
     address: str | None = Field(None, description="Ray address to join (None: auto / start local)")
-    fail_at_epoch: int | None = Field(None, ge=1, description="TEST ONLY: rank 1 dies once in this epoch")
 
 
 Engine = Annotated[LocalEngine | FlowerEngine | RayEngine, Field(discriminator="kind")]

@@ -42,6 +42,8 @@ CONFIG_KEY = "compactfl-config"
 HEADER_KEY = "transport-header"
 #: largest header accepted from a peer (a JSON object of three short fields).
 MAX_HEADER_BYTES = 4096
+#: a train message's learning rates, one per local epoch, from the run's schedule on the global epoch count
+LRS_KEY = "compactfl-lrs"
 
 
 def encode_tensor(tensor: torch.Tensor) -> Array:
