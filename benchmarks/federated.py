@@ -35,7 +35,7 @@ from clients.flower_client import local_train  # noqa: E402
 from pipeline.config import RunConfig, config_from_dict  # noqa: E402
 from pipeline.modeling import build_training_model  # noqa: E402
 from server.local_grid import LocalGrid  # noqa: E402
-from server.runner import CentralEvaluator, run_server  # noqa: E402
+from server.runner import CentralEvaluator, round_lrs, run_server  # noqa: E402
 
 VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "dense": ({"kind": "none"}, "fp32"),
@@ -54,7 +54,8 @@ def make_config(args: argparse.Namespace, variant: str, out: Path) -> RunConfig:
                  "partition": {"kind": "dirichlet", "alpha": args.alpha, "min_size": 10}},
         "model": {"name": args.model}, "compression": compression,
         "engine": {"kind": "flower", "rounds": args.rounds, "clients": args.clients, "min_train_nodes": 1,
-                   "local_epochs": args.local_epochs, "transport_dtype": dtype, "strategy": "fedavg"},
+                   "local_epochs": args.local_epochs, "strategy": "fedavg"},
+        "transport": {"dtype": dtype},
         "train": {"batch_size": args.batch_size, "lr": args.lr, "momentum": 0.9, "weight_decay": 5e-4,
                   "eval_batch_size": 500},
     })
@@ -74,7 +75,9 @@ def plain_fedavg(cfg: RunConfig) -> tuple[list[float], float, dict[str, float]]:
     per_round = []
     for rnd in range(1, cfg.engine.rounds + 1):
         t0 = time.perf_counter()
-        replies = [local_train(cfg, state, partition_id=p, num_partitions=n, server_round=rnd) for p in range(n)]
+        lrs = round_lrs(cfg, rnd)
+        replies = [local_train(cfg, state, partition_id=p, num_partitions=n, server_round=rnd, lrs=lrs)
+                   for p in range(n)]
         total = sum(m["num-examples"] for _, m in replies)
         state = {k: sum(s[k] * (m["num-examples"] / total) for s, m in replies) for k in state}
         per_round.append(time.perf_counter() - t0)

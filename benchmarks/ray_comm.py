@@ -30,6 +30,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "dense": ({"kind": "none"}, "none"),
     "dense+fp16": ({"kind": "none"}, "fp16"),
     "dense+powersgd(2)": ({"kind": "none"}, "powersgd(2)"),
+    "dense+topk1pct+q8+ef": ({"kind": "none"}, "topk(frac=0.01)+qsgd(bits=8,block=256)"),
     "csg-128": (CSG128, "none"),
     "csg-128+bf16": (CSG128, "bf16"),
 }
@@ -58,7 +59,8 @@ def variant_config(name: str, args: argparse.Namespace, root: Path, out: Path) -
         "data": {"name": "cifar10", "root": str(root), "augment": True, "train_limit": args.train_limit,
                  "test_limit": args.test_limit},
         "model": {"name": args.model}, "compression": compression,
-        "engine": {"kind": "ray", "workers": args.workers, "comm": comm, "max_failures": 0},
+        "engine": {"kind": "ray", "workers": args.workers, "max_failures": 0},
+        "transport": {"comm": comm, "error_feedback": comm.startswith(("topk", "qsgd", "sign"))},
         "train": {"optimizer": "sgd", "lr": args.lr, "momentum": 0.9, "weight_decay": 5e-4,
                   "batch_size": args.batch_size, "epochs": args.epochs, "max_batches": args.max_batches},
     }

@@ -1,7 +1,7 @@
 """Federated robustness table: test accuracy with one hostile client among five, per server configuration.
 
 The real ServerApp body (``server.runner.run_server``) runs in-process on ``server.local_grid.LocalGrid``
-with the real ClientApp wrapped by ``tests/server/hostile_clients.py`` (no production config knob): one
+with the real ClientApp wrapped by ``tests/hostile_clients.py`` (no production config knob): one
 partition (``--attacker``) replies with a scaled, sign-flipped or num-examples-inflating update. Data: the
 embedded CIFAR-10 subset (real images), IID over 5 clients, SmallNet-3. Rows: server configurations;
 columns: honest run and each attack; cells: final test accuracy (mean over ``--seeds``).
@@ -24,13 +24,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "server"))
-
-from hostile_clients import ATTACKS, hostile_app  # noqa: E402
 
 from pipeline.config import config_from_dict  # noqa: E402
 from server.local_grid import LocalGrid  # noqa: E402
 from server.runner import run_server  # noqa: E402
+from tests.hostile_clients import ATTACKS, hostile_app  # noqa: E402
 
 CLIENTS = 5
 

@@ -1,10 +1,13 @@
 """The Flower ClientApp (Message API): ``flwr run .`` and ``compactfl run`` (flower engine) both load ``app``.
 
 A train message carries the global trainable state (``arrays``) and a ConfigRecord (``config``) holding the
-server's resolved run config as JSON, so every node trains with exactly the server's config. The partition
-comes from the node config (``partition-id`` / ``num-partitions``), set by the simulation or by
-``flower-supernode --node-config``. Replies carry only the trainable state, cast to
-``engine.transport_dtype``, plus metrics including the bytes received and sent.
+server's resolved run config as JSON, so every node trains with exactly the server's config, and the
+round's learning rates (one per local epoch: the server applies the run's schedule on the global epoch count,
+clients never restart a schedule). The partition comes from the node config (``partition-id`` /
+``num-partitions``), set by the simulation or by ``flower-supernode --node-config``; a deployed node
+(``data-dir`` in its node config) reads its data, teacher and generator only from its node config
+(``clients/node_config.py``), never from paths in the message. Replies carry only the trainable state,
+cast to ``transport.dtype``, plus metrics including the bytes received and sent.
 """
 
 from __future__ import annotations
@@ -15,36 +18,41 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.flower_client import local_evaluate, local_train
-from pipeline.transport.wire import CONFIG_KEY, config_from_json, decode_record, encode_state, record_nbytes
+from clients.node_config import NodeSettings, node_run_config, read_node_settings
+from pipeline.transport.wire import (
+    CONFIG_KEY,
+    LRS_KEY,
+    config_from_json,
+    decode_record,
+    encode_state,
+    record_nbytes,
+)
 
 app = ClientApp()
 
 
-def _partition(context: Context) -> tuple[int, int]:
-    """(partition id, number of partitions) of this node; a clear error when the node config lacks them."""
-    try:
-        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    except KeyError as exc:
-        raise ValueError(f"node config lacks {exc.args[0]!r}: start the SuperNode with "
-                         "--node-config 'partition-id=I num-partitions=N'") from None
-
-
-def _inputs(msg: Message) -> tuple[Any, ArrayRecord]:
+def _inputs(msg: Message, context: Context) -> tuple[Any, ArrayRecord, NodeSettings]:
+    """The run config this node trains under (server paths replaced by the node's own files when deployed),
+    the received arrays, and this node's settings."""
     config = msg.content["config"]
     if CONFIG_KEY not in config:
         raise ValueError(f"message config lacks {CONFIG_KEY!r} (was it sent by the compactfl ServerApp?)")
-    return config_from_json(str(config[CONFIG_KEY])), msg.content["arrays"]
+    node = read_node_settings(dict(context.node_config))
+    return node_run_config(config_from_json(str(config[CONFIG_KEY])), node), msg.content["arrays"], node
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's partition and reply with the new trainable state."""
-    cfg, received = _inputs(msg)
-    pid, n = _partition(context)
-    mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    cfg, received, node = _inputs(msg, context)
+    pid, n = node.partition_id, node.num_partitions
+    config = msg.content["config"]
+    if LRS_KEY not in config:
+        raise ValueError(f"train message config lacks {LRS_KEY!r} (was it sent by the compactfl ServerApp?)")
     state, metrics = local_train(cfg, decode_record(received), partition_id=pid, num_partitions=n,
-                                 server_round=int(msg.content["config"]["server-round"]), proximal_mu=mu)
-    reply = encode_state(state, cfg.engine.transport_dtype)
+                                 server_round=int(config["server-round"]), lrs=[float(x) for x in config[LRS_KEY]],
+                                 proximal_mu=float(config.get("proximal-mu", 0.0)))
+    reply = encode_state(state, cfg.transport.dtype)
     metrics.update({"partition-id": pid, "bytes-received": record_nbytes(received), "bytes-sent": record_nbytes(reply)})
     return Message(RecordDict({"arrays": reply, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -52,8 +60,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the finalised global model on this node's shard of the test set."""
-    cfg, received = _inputs(msg)
-    pid, n = _partition(context)
+    cfg, received, node = _inputs(msg, context)
+    pid, n = node.partition_id, node.num_partitions
     metrics = local_evaluate(cfg, decode_record(received), partition_id=pid, num_partitions=n)
     metrics.update({"partition-id": pid, "bytes-received": record_nbytes(received)})
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -3,12 +3,14 @@
 The ClientApp (``clients/app.py``) only decodes messages and calls these functions, so they are unit-tested
 without Ray. Every client rebuilds the training-time model from the config seed (a frozen CSG generator
 is therefore identical everywhere and never travels), loads the received global trainable state, trains
-``engine.local_epochs`` with the shared loop and returns only ``models.trainable_state``.
+``engine.local_epochs`` with the shared loop at the learning rates the server sent for the round (the run's
+schedule on the global epoch count) and returns only ``models.trainable_state``.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -52,27 +54,16 @@ def _process_teacher(cfg_json: str, device: str) -> nn.Module | None:
     return get_teacher(config_from_json(cfg_json), device)
 
 
-def inject_fault(state: dict[str, torch.Tensor], fault: str) -> dict[str, torch.Tensor]:
-    """TEST ONLY (``engine.fault_nodes``): corrupt a reply with NaNs or a wrong-shaped first tensor."""
-    state = dict(state)
-    key = next(iter(state))
-    if fault == "nan":
-        state[key] = torch.full_like(state[key], float("nan"))
-    elif fault == "shape":
-        state[key] = torch.zeros((state[key].shape[0] + 1, *state[key].shape[1:]), dtype=state[key].dtype)
-    else:
-        raise ValueError(f"engine.fault_nodes: unknown fault {fault!r} (expected raise, nan or shape)")
-    return state
-
-
 def local_train(cfg: RunConfig, global_state: dict[str, torch.Tensor], *, partition_id: int, num_partitions: int,
-                server_round: int, proximal_mu: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Train the global model on one partition; returns (new trainable state on CPU, metrics)."""
+                server_round: int, lrs: list[float], proximal_mu: float = 0.0
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Train the global model on one partition, local epoch ``e`` at ``lrs[e]``; returns (trainable state, metrics)."""
     from pipeline.data import client_train_loader
 
-    fault = cfg.engine.fault_nodes.get(partition_id) if cfg.engine.kind == "flower" else None
-    if fault == "raise":
-        raise RuntimeError(f"injected fault: client partition {partition_id} raises (engine.fault_nodes)")
+    epochs = cfg.engine.local_epochs if cfg.engine.kind == "flower" else 1
+    if len(lrs) != epochs or not all(math.isfinite(lr) and lr > 0 for lr in lrs):
+        raise ValueError(f"round {server_round}: the server sent learning rates {lrs}, expected {epochs} "
+                         "positive values (one per local epoch)")
     seed_everything(client_seed(cfg.seed, server_round, partition_id))
     device = resolve_device(cfg.device)
     model = build_training_model(cfg)
@@ -80,7 +71,6 @@ def local_train(cfg: RunConfig, global_state: dict[str, torch.Tensor], *, partit
     model.to(device)
     loader = client_train_loader(cfg, partition_id, num_partitions)
     penalty = proximal_penalty(model, proximal_mu) if proximal_mu > 0 else None
-    epochs = cfg.engine.local_epochs if cfg.engine.kind == "flower" else 1
     first_epoch = (server_round - 1) * epochs  # a global epoch count: rounds see fresh shuffles/augmentations
 
     def before_epoch(epoch: int) -> None:
@@ -88,10 +78,8 @@ def local_train(cfg: RunConfig, global_state: dict[str, torch.Tensor], *, partit
             loader.set_epoch(first_epoch + epoch)
 
     history = fit(model, loader, cfg.train, epochs=epochs, loss_fn=build_client_loss(cfg, device), device=device,
-                  penalty=penalty, before_epoch=before_epoch)
+                  penalty=penalty, lr_of=lrs.__getitem__, before_epoch=before_epoch)
     state = {k: v.detach().cpu().clone() for k, v in models.trainable_state(model).items()}
-    if fault is not None:
-        state = inject_fault(state, fault)
     last = history[-1]
     metrics = {"num-examples": int(last["train_samples"]), "train-loss": float(last["train_loss"]),
                "train-accuracy": float(last["train_accuracy"]), "train-seconds": float(sum(r["train_seconds"]

@@ -5,17 +5,17 @@ training set (``DistributedSampler`` semantics, seeded, reshuffled per epoch), w
 ``ray.train.torch.prepare_model`` (gloo on CPU, NCCL on GPU) and runs :func:`pipeline.train.fit`. A DDP comm
 hook (:mod:`pipeline.transport.ddp_hooks`) counts, and optionally compresses, the gradient bytes of every step.
 
-After each epoch all ranks evaluate their shard of the test set, combine metrics with one allreduce, and call
-``ray.train.report``; rank 0 attaches a checkpoint (safetensors model + optimizer + RNG + epoch + history,
-written by :mod:`pipeline.checkpoint`). A restarted attempt resumes from ``ray.train.get_checkpoint()``.
-RNGs are re-seeded from (seed, rank, epoch) at every epoch start, so a resumed run draws the same
-augmentations as an uninterrupted one.
+After each epoch the ranks pool their BatchNorm running statistics (:mod:`clients.bn_stats`: the statistics
+of the union of the shards, not rank 0's shard), evaluate their shard of the test set, combine metrics with
+one allreduce, and call ``ray.train.report``; rank 0 attaches a checkpoint (safetensors model + optimizer + RNG
++ epoch + history, written by :mod:`pipeline.checkpoint`). A restarted attempt resumes from
+``ray.train.get_checkpoint()``. RNGs are re-seeded from (seed, rank, epoch) at every epoch start, so a resumed
+run draws the same augmentations as an uninterrupted one; each epoch's learning rate is
+:func:`pipeline.train.lr_at` of its epoch, so a resumed run continues its schedule.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -25,58 +25,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from clients.bn_stats import pool_bn_statistics
 from models.state import unwrap
 from pipeline.config import RunConfig, config_from_dict
 from pipeline.transport.ddp_hooks import CommStats, register_comm_hook
 
-FAULT_MARKER = "fault_injected_epoch_{epoch}"
 CHECKPOINT_DIR = "epoch_{epoch:04d}"
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     """The RNG seed of one rank in one epoch (distinct per rank, reproducible across restarts)."""
     return (seed * 1_000_003 + epoch * 10_007 + rank) % 2**63
-
-
-def fault_rank(world_size: int) -> int:
-    """The rank that test-only fault injection kills (rank 1; rank 0 when training alone)."""
-    return min(1, world_size - 1)
-
-
-def maybe_inject_fault(cfg: RunConfig, rank: int, world_size: int, epoch: int, marker_dir: Path) -> None:
-    """TEST ONLY: kill this process once in epoch ``cfg.engine.fail_at_epoch`` (marker file: only once).
-
-    It first waits (up to a minute) until Ray has committed the previous epoch's checkpoint, so the
-    restarted attempt deterministically resumes from it (a report still queued in the dying worker group is
-    dropped by Ray Train).
-    """
-    target = cfg.engine.fail_at_epoch
-    if target is None or epoch + 1 != target or rank != fault_rank(world_size):
-        return
-    marker = Path(marker_dir) / FAULT_MARKER.format(epoch=target)
-    if marker.exists():
-        return
-    if target > 1:
-        wait_for_committed_checkpoint(Path(marker_dir), CHECKPOINT_DIR.format(epoch=target - 1))
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"rank {rank} killed itself in epoch {target} (engine.fail_at_epoch)\n")
-    print(f"[compactfl] fault injection: rank {rank} exits in epoch {target}", flush=True)
-    os._exit(1)
-
-
-def wait_for_committed_checkpoint(run_storage: Path, dir_name: str, timeout: float = 60.0) -> bool:
-    """Poll Ray Train's checkpoint-manager snapshot until its latest checkpoint is ``dir_name``."""
-    snapshot = run_storage / "checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-            if latest.get("checkpoint_dir_name") == dir_name:
-                return True
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.2)
-    return False
 
 
 def shard_loaders(cfg: RunConfig, rank: int, world_size: int) -> tuple[Any, Any]:
@@ -129,30 +88,29 @@ def progress_line(rec: dict[str, Any], epochs: int) -> str:
 
 
 def save_ray_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                        history: list[dict[str, Any]], fingerprint: dict[str, Any]) -> tuple[Any, str]:
+                        history: list[dict[str, Any]], cfg: RunConfig) -> tuple[Any, str]:
     """(ray.train.Checkpoint over a fresh temp dir, the temp dir) holding the state after ``epoch`` epochs."""
     from ray.train import Checkpoint
 
-    from pipeline.checkpoint import save_checkpoint
+    from pipeline.checkpoint import save_epoch_checkpoint
 
     tmp = tempfile.mkdtemp(prefix="compactfl-ckpt-")
-    save_checkpoint(Path(tmp), model, optimizer, epoch, history, fingerprint)
+    save_epoch_checkpoint(Path(tmp), model, optimizer, epoch, history, cfg)
     return Checkpoint.from_directory(tmp), tmp
 
 
 def train_func(config: dict[str, Any]) -> None:
-    """The Ray Train ``train_loop_per_worker``: ``config = {"run": RunConfig dump, "marker_dir": str}``."""
+    """The Ray Train ``train_loop_per_worker``: ``config = {"run": RunConfig dump}``."""
     import shutil
 
     import ray.train
     import ray.train.torch
 
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.checkpoint import load_epoch_checkpoint
     from pipeline.distill import build_loss
-    from pipeline.engines import run_fingerprint
     from pipeline.modeling import build_training_model
     from pipeline.teacher import get_teacher
-    from pipeline.train import build_optimizer, build_scheduler, evaluate, fit, seed_everything
+    from pipeline.train import build_optimizer, evaluate, fit, seed_everything
 
     cfg = config_from_dict(config["run"])
     ctx = ray.train.get_context()
@@ -162,14 +120,12 @@ def train_func(config: dict[str, Any]) -> None:
 
     model = build_training_model(cfg).to(device)
     optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    fingerprint = run_fingerprint(cfg)
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            start_epoch, history = load_checkpoint(Path(ckpt_dir), model, optimizer, fingerprint)
-        scheduler.last_epoch = start_epoch
+            resumed = load_epoch_checkpoint(Path(ckpt_dir), model, optimizer, cfg)
+        start_epoch, history = resumed.epoch, resumed.history
         if rank == 0:
             print(f"[compactfl] resumed from checkpoint after epoch {start_epoch}", flush=True)
 
@@ -177,28 +133,30 @@ def train_func(config: dict[str, Any]) -> None:
     train_loader, test_loader = shard_loaders(cfg, rank, world)
     ddp = ray.train.torch.prepare_model(model, move_to_device=device,
                                         parallel_strategy_kwargs={"forward_sync_buffers": False})
-    stats = (register_comm_hook(ddp, cfg.engine.comm, seed=cfg.seed)
-             if isinstance(ddp, nn.parallel.DistributedDataParallel) else CommStats(spec=cfg.engine.comm))
+    tr = cfg.transport
+    stats = (register_comm_hook(ddp, tr.comm, seed=cfg.seed, error_feedback=tr.error_feedback,
+                                residual_decay=tr.residual_decay)
+             if isinstance(ddp, nn.parallel.DistributedDataParallel) else CommStats(spec=tr.comm))
     epochs = cfg.train.epochs
     mark: dict[str, Any] = {}
 
     def before_epoch(epoch: int) -> None:
         train_loader.set_epoch(epoch)
         seed_everything(epoch_seed(cfg.seed, rank, epoch))
-        maybe_inject_fault(cfg, rank, world, epoch, Path(config["marker_dir"]))
         mark.update(t=time.perf_counter(), comm=stats.snapshot())
 
     def on_epoch(epoch: int, record: dict[str, Any]) -> None:
         b0, s0 = mark["comm"]
         comm = (stats.bytes - b0, stats.steps - s0)
+        pool_bn_statistics(unwrap(ddp), record["train_samples"])  # before evaluation, checkpoint, final model
         test = evaluate(unwrap(ddp), test_loader, device)
-        rec = epoch_record(record, test, comm, time.perf_counter() - mark["t"], cfg.engine.comm, world, device)
+        rec = epoch_record(record, test, comm, time.perf_counter() - mark["t"], tr.comm, world, device)
         rec["start_epoch"] = start_epoch  # > 0: this epoch was trained by an attempt resumed from a checkpoint
         rec["bytes_last_step"] = stats.last_step_bytes
         history.append(rec)
         if rank == 0:
             print(f"[compactfl] {progress_line(rec, epochs)}", flush=True)
-            ckpt, tmp = save_ray_checkpoint(unwrap(ddp), optimizer, epoch + 1, history, fingerprint)
+            ckpt, tmp = save_ray_checkpoint(unwrap(ddp), optimizer, epoch + 1, history, cfg)
             try:
                 ray.train.report(rec, checkpoint=ckpt, checkpoint_dir_name=CHECKPOINT_DIR.format(epoch=epoch + 1))
             finally:
@@ -208,4 +166,4 @@ def train_func(config: dict[str, Any]) -> None:
 
     if start_epoch < epochs:
         fit(ddp, train_loader, cfg.train, epochs=epochs, loss_fn=loss_fn, device=device, optimizer=optimizer,
-            scheduler=scheduler, start_epoch=start_epoch, on_epoch=on_epoch, before_epoch=before_epoch)
+            start_epoch=start_epoch, on_epoch=on_epoch, before_epoch=before_epoch)

@@ -2,7 +2,9 @@
 
 Public API (README "Python API"): ``build``, ``list_models``, ``expand``, ``contract``, ``init_from_expanded``,
 ``csg_compress``, ``materialize``, ``cheapen``, ``finalize``, ``count_params``, ``count_macs``,
-``trainable_state``, ``load_trainable_state``, ``payload_bytes``, ``model_spec``, ``build_from_spec``.
+``trainable_state``, ``load_trainable_state``, ``payload_bytes``, ``model_spec``, ``build_from_spec``,
+``lift`` (a compact state into an ExpandNet's factors, in place; ``seeded_expansion`` rebuilds the shared
+initial factors). ``models.lift`` is the function: import the module's names with ``from models.lift import``.
 Nothing here imports Flower or Ray.
 """
 
@@ -12,6 +14,7 @@ from models.counting import count_macs, count_params
 from models.csg import csg_compress, materialize
 from models.expandnets import contract, expand, init_from_expanded
 from models.finalize import finalize, has_reparameterized
+from models.lift import LayerLift, LiftReport, lift, seeded_expansion
 from models.registry import build, build_from_spec, list_models, model_spec, register
 from models.state import (
     cast_state,
@@ -27,4 +30,5 @@ __all__ = [
     "cast_state", "load_trainable_state", "payload_bytes", "serialize_state",
     "trainable_state",
     "expand", "contract", "init_from_expanded", "csg_compress", "materialize", "cheapen",
+    "lift", "seeded_expansion", "LiftReport", "LayerLift",
 ]

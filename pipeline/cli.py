@@ -1,7 +1,10 @@
-"""The ``compactfl`` command line: run, inspect, export, report, nightly.
+"""The ``compactfl`` command line: run, inspect, export, report, partition, nightly.
 
-Exit codes: 0 success, 1 a failed run or a nightly regression, 2 a usage error (bad config or override,
-missing data root, unknown model, bad arguments) reported as one line on stderr.
+Exit codes: 0 success, 1 a failed run or a nightly regression, 2 a usage error reported as one line on
+stderr: a bad config, override or argument, a missing data root, an unknown model, a compression that does not
+fit the model, a resume whose config differs from its checkpoint, missing optional extras (ONNX), and a
+federated round that got too few valid replies (``TooFewReplies``/``RoundFailed``: fix the clients or the
+settings, then rerun with ``resume: true``).
 """
 
 from __future__ import annotations
@@ -89,7 +92,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     preflight(cfg)
     run_dir = prepare_run_dir(cfg)
-    summary = run_engine(cfg, run_dir)
+    try:
+        summary = run_engine(cfg, run_dir)
+    except RuntimeError as exc:
+        if cfg.engine.kind == "flower":
+            from server.loop import RoundFailed
+            from server.strategies import TooFewReplies
+
+            if isinstance(exc, TooFewReplies | RoundFailed):
+                raise UsageError(_one_line(exc)) from None
+        raise
     print_summary(summary)
     print(f"run dir: {run_dir}")
     return EXIT_OK
@@ -117,26 +129,41 @@ def inspect_rows(args: argparse.Namespace) -> list[tuple[str, Any]]:
     except (ValueError, TypeError) as exc:
         raise UsageError(f"model: {_one_line(exc)}") from None
     rows: list[tuple[str, Any]] = [(f"{args.model} (compact)", net)]
-    if args.expand:
-        exp = models.expand(net, args.expand, rate=args.rate, mode="explicit")
-        rows += [(f"expanded {args.expand} r={args.rate:g} (train-time)", exp),
-                 ("contracted (deploy-time)", models.contract(exp))]
-    elif args.csg:
-        csg = models.csg_compress(net, slice_shape=parse_slice(args.csg), code_size=args.code_size,
-                                  binary=args.binary)
-        rows += [(f"csg {args.csg} n={args.code_size} (train-time)", csg),
-                 ("materialized (deploy-time)", models.materialize(csg))]
-    elif args.block:
-        rows += [(f"cheap {args.block} (train = deploy)", models.cheapen(net, block=args.block))]
+    flag = "--expand/--rate" if args.expand else "--csg/--code-size" if args.csg else "--block"
+    try:
+        if args.expand:
+            exp = models.expand(net, args.expand, rate=args.rate, mode="explicit")
+            rows += [(f"expanded {args.expand} r={args.rate:g} (train-time)", exp),
+                     ("contracted (deploy-time)", models.contract(exp))]
+        elif args.csg:
+            csg = models.csg_compress(net, slice_shape=parse_slice(args.csg), code_size=args.code_size,
+                                      binary=args.binary)
+            rows += [(f"csg {args.csg} n={args.code_size} (train-time)", csg),
+                     ("materialized (deploy-time)", models.materialize(csg))]
+        elif args.block:
+            rows += [(f"cheap {args.block} (train = deploy)", models.cheapen(net, block=args.block))]
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{flag}: {_one_line(exc)}") from None
     return rows
+
+
+def count_row(label: str, model: Any, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """(params, params + BN stats, MACs, fp32 payload bytes) of one inspected model at input ``shape``."""
+    import models
+
+    try:
+        macs = models.count_macs(model, shape)
+    except RuntimeError as exc:  # a forward pass that does not fit the input size
+        raise UsageError(f"--image-size {shape[-1]}: {label} cannot run on {shape[-1]}x{shape[-1]} inputs "
+                         f"({_one_line(exc)})") from None
+    return (models.count_params(model), models.count_params(model, include_buffers=True), macs,
+            models.payload_bytes(model))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``compactfl inspect MODEL [...]``: parameters and MACs of the compact/train-time/deploy-time nets."""
     from rich.console import Console
     from rich.table import Table
-
-    import models
 
     if args.expand and args.rate is None:
         raise UsageError("--expand needs --rate R (e.g. --rate 4)")
@@ -146,12 +173,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     table = Table(title=f"compactfl inspect {args.model} ({args.num_classes} classes, input {shape})")
     for col in ("model", "params", "params + BN stats", "MACs", "payload (fp32)"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    base_params = None
     for label, m in inspect_rows(args):
-        params = models.count_params(m)
-        base_params = base_params or params
-        table.add_row(label, f"{params:,}", f"{models.count_params(m, include_buffers=True):,}",
-                      f"{models.count_macs(m, shape):,}", f"{models.payload_bytes(m):,} B")
+        params, with_buffers, macs, payload = count_row(label, m, shape)
+        table.add_row(label, f"{params:,}", f"{with_buffers:,}", f"{macs:,}", f"{payload:,} B")
     Console(width=max(110, Console().width)).print(table)
     return EXIT_OK
 
@@ -159,10 +183,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------------- export/report
 def cmd_export(args: argparse.Namespace) -> int:
     """``compactfl export RUN_DIR --onnx``: ONNX of the compact model, checked with onnxruntime."""
-    from pipeline.export import export_onnx
+    from pipeline.export import export_onnx, missing_onnx_packages
 
     if not args.onnx:
         raise UsageError("export: choose a format (--onnx)")
+    missing = missing_onnx_packages()
+    if missing:
+        raise UsageError(f"export --onnx needs the ONNX extras (missing {', '.join(missing)}): "
+                         "pip install 'compactfl[onnx]'")
+    if not (Path(args.run_dir) / "model.json").is_file():
+        raise UsageError(f"export: {args.run_dir!r} is not a finished run dir (no model.json)")
     result = export_onnx(Path(args.run_dir), Path(args.out) if args.out else None, opset=args.opset)
     print(f"wrote {result['path']} ({result['bytes']:,} bytes)")
     if result.get("max_abs_diff") is not None:
@@ -206,10 +236,42 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
+def cmd_partition(args: argparse.Namespace) -> int:
+    """``compactfl partition CONFIG --out DIR``: each SuperNode's own data folder (DIR/node-0, ...)."""
+    from pipeline.data import DataError
+    from pipeline.data.node_data import write_node_partitions
+
+    try:
+        folders = write_node_partitions(load_config(args.config, args.set), Path(args.out))
+    except DataError as exc:
+        raise UsageError(_one_line(exc)) from None
+    print(f"wrote {len(folders)} node folders under {args.out} (start node i with --node-config "
+          f"'partition-id=i num-partitions={len(folders)} data-dir=\"{Path(args.out).resolve()}/node-i\"')")
+    return EXIT_OK
+
+
 # -------------------------------------------------------------------------------------------- parser
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one stderr line and exit code 2 (no usage block)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"compactfl: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of all subcommands."""
-    p = argparse.ArgumentParser(prog="compactfl", description="Train compact CNNs locally, on Ray, or with Flower.")
+    p = OneLineParser(prog="compactfl", description="Train compact CNNs locally, on Ray, or with Flower.")
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and results on the console")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -221,14 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="params and MACs of a model and its compressed variants")
     i.add_argument("model", help="registered model name, e.g. smallnet7, resnet56, wrn-40-2")
-    i.add_argument("--num-classes", type=int, default=10)
-    i.add_argument("--image-size", type=int, default=32)
+    i.add_argument("--num-classes", type=positive_int, default=10)
+    i.add_argument("--image-size", type=positive_int, default=32)
     g = i.add_mutually_exclusive_group()
     g.add_argument("--expand", choices=["cl", "ck", "fc", "cl+fc", "ck+fc"], help="ExpandNets strategy")
     g.add_argument("--csg", metavar="SLICE", help="CSG slice shape, e.g. 16,16,3,3")
     g.add_argument("--block", metavar="SPEC", help="Moonshine cheap block, e.g. G(4) or B(2)")
     i.add_argument("--rate", type=float, help="expansion rate for --expand")
-    i.add_argument("--code-size", type=int, help="CSG code size for --csg")
+    i.add_argument("--code-size", type=positive_int, help="CSG code size for --csg")
     i.add_argument("--binary", action="store_true", help="binary (BCSG) generator for --csg")
     i.set_defaults(func=cmd_inspect)
 
@@ -243,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dirs", nargs="+")
     rp.add_argument("--out", help="folder for comparison.md/png (default: parent of the run dirs)")
     rp.set_defaults(func=cmd_report)
+
+    pt = sub.add_parser("partition", help="write each Flower node's partition to its own folder (deployment)")
+    pt.add_argument("config", help="YAML run config (data, data.partition, engine.clients, seed)")
+    pt.add_argument("--out", required=True, help="folder for node-0, node-1, ...")
+    pt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. engine.clients=3")
+    pt.set_defaults(func=cmd_partition)
 
     n = sub.add_parser("nightly", help="seeded regression suite compared with a baseline")
     n.add_argument("--suite", default="configs/nightly", help="folder of suite configs")
@@ -261,7 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.logging_utils import detach_run_log, setup_console
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a one-line argument error (2)
+        return int(exc.code or 0)
     setup_console(quiet=args.quiet)
     try:
         return int(args.func(args))

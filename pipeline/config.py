@@ -102,7 +102,8 @@ class TrainConfig(Strict):
     weight_decay: float = Field(5e-4, ge=0)
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(500, ge=1)
-    epochs: int = Field(1, ge=1, description="epochs (local/Ray); local epochs per round come from engine")
+    epochs: int = Field(1, ge=1, description="epochs and schedule horizon (local/Ray); Flower counts "
+                        "engine.rounds x engine.local_epochs global epochs instead")
     schedule: Literal["constant", "multistep", "cosine"] = "constant"
     milestones: list[int] = Field(default_factory=list, description="multistep: epochs at which lr *= gamma")
     gamma: float = Field(0.1, gt=0)
@@ -191,13 +192,9 @@ class FlowerEngine(Strict):
         "partition", description="cap on a reply's num-examples weight: the server-side partition size, the "
         "round's median claim, uniform weights, or the claim itself (unsafe)")
     dp: ServerDPConfig = ServerDPConfig()
-    transport_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies per round")
     client_cpus: float = Field(1.0, gt=0)
     client_gpus: float = Field(0.0, ge=0)
-    fault_nodes: dict[int, Literal["raise", "nan", "shape"]] = Field(
-        default_factory=dict, description="TEST ONLY: partition id -> injected fault"
-    )
 
     @model_validator(mode="after")
     def _bulyan_has_enough_replies(self) -> FlowerEngine:
@@ -213,21 +210,71 @@ class RayEngine(Strict):
     workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
-    comm: str = Field("none", description="none | fp16 | bf16 | powersgd(RANK)")
     max_failures: int = Field(1, ge=0)
     storage_path: Path | None = Field(None, description="Ray Train storage (default: <run dir>/ray)")
     address: str | None = Field(None, description="Ray address to join (None: auto / start local)")
-    fail_at_epoch: int | None = Field(None, ge=1, description="TEST ONLY: rank 1 dies once in this epoch")
-
-    @field_validator("comm")
-    @classmethod
-    def _comm(cls, v: str) -> str:
-        if v in ("none", "fp16", "bf16") or re.fullmatch(r"powersgd\(\d+\)", v):
-            return v
-        raise ValueError(f"expected none, fp16, bf16 or powersgd(RANK), got {v!r}")
 
 
 Engine = Annotated[LocalEngine | FlowerEngine | RayEngine, Field(discriminator="kind")]
+
+
+# ------------------------------------------------------------------------------------------- transport
+def _canonical_chain(value: Any) -> list[str]:
+    """A codec chain (string like ``"topk(frac=0.01)+qsgd(bits=8)"``, a list of stages, or ``none``) as the
+    list of its canonical stage strings (unknown codecs or parameters: ValueError)."""
+    from pipeline.transport.codecs import parse_chain
+
+    if value is not None and not isinstance(value, str | list | tuple):
+        raise ValueError(f"expected a codec chain (string or list of strings), got {value!r}")
+    return [stage.descriptor() for stage in parse_chain(value).stages]
+
+
+STOCK_COMM = re.compile(r"none|fp16|bf16|powersgd\(([1-9]\d*)\)")
+
+
+class DownlinkConfig(Strict):
+    """What the server sends each round: the ``full`` global model, or its compressed change (``delta``)."""
+
+    kind: Literal["full", "delta"] = "full"
+    codec: list[str] = Field(default_factory=list, description="delta: codec chain of the global change")
+    error_feedback: bool = Field(True, description="delta: server-side error feedback")
+
+    @field_validator("codec", mode="before")
+    @classmethod
+    def _codec(cls, v: Any) -> list[str]:
+        return _canonical_chain(v)
+
+
+class TransportConfig(Strict):
+    """What travels, for every engine (see README "What travels (transport)")."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="dtype of tensors that travel dense")
+    codec: list[str] = Field(default_factory=list, description="flower: codec chain of each update, e.g. "
+                             "[topk(frac=0.01), qsgd(bits=8,block=256)] (empty = dense in dtype)")
+    error_feedback: bool = Field(False, description="add what the codecs dropped to the next update")
+    residual_decay: float = Field(1.0, gt=0, le=1, description="residual x decay**rounds skipped")
+    exclude: list[str] = Field(default_factory=list, description="glob patterns of tensors sent dense in dtype")
+    dense_warmup_rounds: int = Field(0, ge=0, description="first N rounds send dense updates")
+    downlink: DownlinkConfig = DownlinkConfig()
+    comm: str = Field("none", description="ray gradients: none | fp16 | bf16 | powersgd(RANK) | codec chain")
+
+    @field_validator("codec", mode="before")
+    @classmethod
+    def _codec(cls, v: Any) -> list[str]:
+        return _canonical_chain(v)
+
+    @field_validator("comm", mode="before")
+    @classmethod
+    def _comm(cls, v: Any) -> str:
+        if isinstance(v, str) and STOCK_COMM.fullmatch(v.strip()):
+            return v.strip()
+        if isinstance(v, str) and v.strip().startswith("powersgd"):
+            raise ValueError(f"powersgd needs a rank >= 1, e.g. powersgd(2), got {v!r}")
+        stages = _canonical_chain(v)
+        return "+".join(stages) or "none"
+
+
+_LEGACY_KEYS = {("engine", "transport_dtype"): "transport.dtype", ("engine", "comm"): "transport.comm"}
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -242,6 +289,7 @@ class RunConfig(Strict):
     distill: Distill = NoDistill()
     engine: Engine = LocalEngine()
     train: TrainConfig = TrainConfig()
+    transport: TransportConfig = TransportConfig()
     output: Path = Path("runs")
     resume: bool = False
 
@@ -251,22 +299,58 @@ class RunConfig(Strict):
             raise ValueError(f"distill.kind={self.distill.kind} needs a 'teacher' section")
         return self
 
+    @model_validator(mode="after")
+    def _transport_fits_engine(self) -> RunConfig:
+        problem = transport_problem(self.transport, self.engine.kind)
+        if problem:
+            raise ValueError(problem)
+        return self
+
     @property
     def run_dir(self) -> Path:
         return self.output / (self.name or "run")
 
 
+def transport_problem(t: TransportConfig, engine: str) -> str | None:
+    """Why ``t`` does not fit ``engine`` (None if it does). Keys an engine would ignore are refused, not dropped.
+
+    The local engine sends nothing and ignores the section. The Flower engine applies ``dtype`` (its update
+    codecs, error feedback and downlink are wired in a later step). The Ray engine applies ``comm`` (and
+    ``error_feedback``/``residual_decay`` with library codecs).
+    """
+    d = TransportConfig()
+    if engine == "flower":
+        for key in ("codec", "error_feedback", "residual_decay", "exclude", "dense_warmup_rounds", "downlink",
+                    "comm"):
+            if getattr(t, key) != getattr(d, key):
+                return (f"transport.{key}: not applied by the flower engine yet (it sends the trainable state in "
+                        "transport.dtype); the ray engine compresses with transport.comm")
+    elif engine == "ray":
+        if t.codec:
+            return "transport.codec: the ray engine encodes gradients with transport.comm (set the chain there)"
+        for key in ("dtype", "exclude", "dense_warmup_rounds", "downlink"):
+            if getattr(t, key) != getattr(d, key):
+                return f"transport.{key}: not used by the ray engine (it encodes whole gradient buckets with " \
+                       "transport.comm)"
+        if t.residual_decay != d.residual_decay and not t.error_feedback:
+            return "transport.residual_decay: applies only with transport.error_feedback: true"
+        if t.error_feedback and STOCK_COMM.fullmatch(t.comm):
+            return (f"transport.error_feedback: applies to library codecs in transport.comm, not to "
+                    f"{t.comm!r} (powersgd keeps its own error feedback)")
+    return None
+
+
 # --------------------------------------------------------------------------------------------- loading
 def _format_error(err: ValidationError) -> str:
     e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _UNION_TAGS)) or "<root>"
+    loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
         msg = "unknown key"
     elif "input" in e and e["type"] not in ("missing", "value_error") and not isinstance(e["input"], dict):
         msg = f"{msg} (got {e['input']!r})"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"config error: {loc}: {msg}{more}"
+    return f"config error: {loc}: {msg}{more}" if loc else f"config error: {msg}{more}"
 
 
 _UNION_TAGS = {
@@ -306,6 +390,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
     """Validate a raw dict (plus overrides) into a RunConfig, or raise a one-line ConfigError."""
     raw = apply_overrides(dict(raw or {}), list(overrides or []))
+    for (section, key), new in _LEGACY_KEYS.items():
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise ConfigError(f"config error: {section}.{key}: moved to {new}")
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:

@@ -30,6 +30,22 @@ class _LogitsOnly(nn.Module):
         return self.net(images)
 
 
+ONNX_PACKAGES = ("onnx", "onnxscript")  # torch.onnx.export(dynamo=True) needs both (extra: compactfl[onnx])
+
+
+def missing_onnx_packages() -> list[str]:
+    """The ONNX export packages that cannot be imported here (empty when export works)."""
+    import importlib
+
+    missing = []
+    for name in ONNX_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def onnx_export(model: nn.Module, path: Path, input_shape: tuple[int, ...], opset: int = 18) -> None:
     """Write ``model`` (eval mode) as a single-file ONNX graph with a dynamic batch dimension."""
     wrapped = _LogitsOnly(model).eval()

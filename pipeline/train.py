@@ -75,14 +75,26 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epochs: int | None = None):
-    """Per-epoch LR schedule: constant, multistep (milestones, gamma) or cosine over ``epochs``."""
-    total = epochs or cfg.epochs
+def lr_at(cfg: TrainConfig, epoch: int, horizon: int | None = None) -> float:
+    """The learning rate of 0-based epoch ``epoch`` of a run: the one schedule definition of every engine.
+
+    The LR changes per epoch (not per step). ``constant``: ``lr``; ``multistep``: ``lr * gamma**k`` with k the
+    number of ``milestones`` <= epoch (as torch's MultiStepLR); ``cosine``: ``lr * (1 + cos(pi * e / H)) / 2``
+    with H = ``horizon`` (default ``cfg.epochs``) and e clamped to H. Federated runs pass the global epoch
+    ``(round - 1) * local_epochs + local epoch`` and H = ``rounds * local_epochs``.
+    """
     if cfg.schedule == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
+        return cfg.lr * cfg.gamma ** sum(1 for m in cfg.milestones if m <= epoch)
     if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _e: 1.0)
+        total = max(horizon or cfg.epochs, 1)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(epoch, total) / total))
+    return cfg.lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def train_epoch(
@@ -159,7 +171,7 @@ def fit(
     device: torch.device | str = "cpu",
     test_loader: Iterable | None = None,
     optimizer: torch.optim.Optimizer | None = None,
-    scheduler=None,
+    lr_of: Callable[[int], float] | None = None,
     start_epoch: int = 0,
     penalty: Penalty | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
@@ -168,19 +180,21 @@ def fit(
     """Train for ``epochs`` (default ``cfg.epochs``) starting at ``start_epoch``; returns per-epoch records.
 
     Each record holds ``epoch``, ``lr``, train loss/accuracy/throughput and, with ``test_loader``, test
-    metrics. ``on_epoch(epoch, record)`` runs after each epoch (checkpointing, progress, Ray reports).
+    metrics. The LR of epoch ``e`` is ``lr_of(e)``, set at the epoch's start (default: :func:`lr_at` over
+    ``epochs``), so a resumed run continues its schedule. ``on_epoch(epoch, record)`` runs after each epoch
+    (checkpointing, progress, Ray reports).
     """
     epochs = cfg.epochs if epochs is None else epochs
     optimizer = optimizer or build_optimizer(model, cfg)
-    scheduler = scheduler or build_scheduler(optimizer, cfg, epochs)
+    lr_of = lr_of or (lambda e: lr_at(cfg, e, epochs))
     history = []
     for epoch in range(start_epoch, epochs):
         if before_epoch is not None:
             before_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
+        lr = lr_of(epoch)
+        set_lr(optimizer, lr)
         stats = train_epoch(model, train_loader, optimizer, loss_fn, device=device, penalty=penalty,
                             max_batches=cfg.max_batches, grad_clip=cfg.grad_clip)
-        scheduler.step()
         record = {"epoch": epoch + 1, "lr": lr, **stats.as_dict()}
         if test_loader is not None:
             record.update(evaluate(model, test_loader, device))

@@ -8,7 +8,8 @@ average). ``engine.example_weights`` picks the rule:
   a client that claims another partition id is capped by that partition's size (a node keeps the id of
   its first accepted reply, and an id claimed by two nodes in one round is refused for both: see
   ``server.strategies``).
-- ``median``: at most the round's median claim (for federations whose data the server cannot see).
+- ``median``: at most the round's median claim (for federations whose data the server cannot see; also
+  the fallback, logged once, when ``partition`` finds no training split on the server).
 - ``uniform``: every reply weighs 1.
 - ``claimed``: the claim itself (Flower's behaviour; unsafe, for comparison only).
 A reply never weighs more than it claims: a client that trained on fewer examples (``train.max_batches``)

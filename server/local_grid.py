@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.checkpoint import capture_rng, restore_rng
+from pipeline.checkpoint import capture_rng, restore_rng
 
 NODE_ID_BASE = 1000
 CLIENT_APP_EXCEPTION = 1  # error code for "the ClientApp raised"

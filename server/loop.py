@@ -25,20 +25,20 @@ class RoundFailed(RuntimeError):
 
 
 def run_rounds(strategy: Strategy, grid: Grid, arrays: ArrayRecord, *, first_round: int, last_round: int,
-               timeout: float, config: ConfigRecord, on_round: OnRound) -> ArrayRecord:
-    """Run rounds ``first_round..last_round`` and return the final global ArrayRecord (``config`` rides along
-    with every train and evaluate message, copied per call)."""
+               timeout: float, config: Callable[[int], ConfigRecord], on_round: OnRound) -> ArrayRecord:
+    """Run rounds ``first_round..last_round`` and return the final global ArrayRecord (``config(round)`` rides
+    along with every train and evaluate message of the round)."""
     for rnd in range(first_round, last_round + 1):
         start = time.perf_counter()
         log.info("round %d/%d: training", rnd, last_round)
-        messages = strategy.configure_train(rnd, arrays, ConfigRecord(dict(config)), grid)
+        messages = strategy.configure_train(rnd, arrays, config(rnd), grid)
         replies = grid.send_and_receive(messages=messages, timeout=timeout)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_arrays is None or len(new_arrays) == 0:
             raise RoundFailed(f"round {rnd}: the strategy produced no global model (no usable replies within "
                               f"{timeout:.0f}s; did the simulation backend start?)")
         arrays = new_arrays
-        eval_messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(config)), grid))
+        eval_messages = list(strategy.configure_evaluate(rnd, arrays, config(rnd), grid))
         eval_metrics = None
         if eval_messages:
             eval_metrics = strategy.aggregate_evaluate(rnd, grid.send_and_receive(messages=eval_messages,

@@ -17,15 +17,22 @@ from flwr.serverapp import Grid
 from torch import nn
 
 import models
+from pipeline.checkpoint import (
+    ServerCheckpoint,
+    capture_rng,
+    latest_round_checkpoint,
+    restore_rng,
+    save_round_checkpoint,
+)
 from pipeline.config import RunConfig
 from pipeline.modeling import build_training_model
-from pipeline.train import evaluate, resolve_device, seed_everything
-from pipeline.transport.wire import CONFIG_KEY, config_to_json, decode_record, to_numpy_record
-from server.checkpoint import ServerCheckpoint, capture_rng, latest_checkpoint, restore_rng, save_checkpoint
+from pipeline.train import evaluate, lr_at, resolve_device, seed_everything
+from pipeline.transport.wire import CONFIG_KEY, LRS_KEY, config_to_json, decode_record, to_numpy_record
 from server.loop import run_rounds
 from server.strategies import build_strategy
 
 log = logging.getLogger("compactfl.server")
+CHECKPOINT_DIR = "checkpoints"  # <run dir>/checkpoints/round-NNNN.safetensors
 
 
 class CentralEvaluator:
@@ -49,12 +56,24 @@ def _metric(metrics: MetricRecord | None, key: str) -> float | None:
     return float(metrics[key]) if metrics is not None and key in metrics else None
 
 
+def round_lrs(cfg: RunConfig, server_round: int) -> list[float]:
+    """The learning rates of one round's local epochs: the run's schedule on the global epoch count
+    ``(round - 1) * local_epochs + local epoch``, over a horizon of ``rounds * local_epochs`` epochs."""
+    epochs = cfg.engine.local_epochs
+    horizon = cfg.engine.rounds * epochs
+    return [lr_at(cfg.train, (server_round - 1) * epochs + e, horizon) for e in range(epochs)]
+
+
 def log_partitions(cfg: RunConfig) -> None:
     """Log each simulated client's class counts (run.log), so a skewed split is visible next to the results."""
-    from pipeline.data import partition_table
+    from pipeline.data import DataError, partition_table
 
-    log.info("training partitions (%s, %d clients):\n%s", cfg.data.partition.kind, cfg.engine.clients,
-             partition_table(cfg, cfg.engine.clients))
+    try:
+        table = partition_table(cfg, cfg.engine.clients)
+    except DataError as exc:  # a deployed server may hold no training split: the nodes hold their own
+        log.info("training partitions: not shown (%s)", exc)
+        return
+    log.info("training partitions (%s, %d clients):\n%s", cfg.data.partition.kind, cfg.engine.clients, table)
 
 
 def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
@@ -66,7 +85,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         raise ValueError(f"engine.kind must be 'flower' for the Flower ServerApp, got {cfg.engine.kind!r}")
     started = time.perf_counter()
     run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / CHECKPOINT_DIR
     # Train (or reuse) a teacher spec once, before any client asks for it: clients then load the saved copy
     # instead of each training its own at the same time.
     get_teacher(cfg, "cpu")
@@ -84,7 +103,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     evaluator = CentralEvaluator(cfg, model)
     log_partitions(cfg)
     if cfg.resume:
-        ckpt = latest_checkpoint(ckpt_dir, cfg)
+        ckpt = latest_round_checkpoint(ckpt_dir, cfg)
         if ckpt is None:
             log.warning("resume: no checkpoint in %s, starting from round 1", ckpt_dir)
         else:
@@ -92,7 +111,11 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             strategy.load_state_arrays(ckpt.strategy_state)
             restore_rng(ckpt.rng)
             log.info("resume: continuing after round %d from %s", ckpt.round, ckpt_dir)
-    round_config = ConfigRecord({CONFIG_KEY: config_to_json(cfg)})  # what every train/evaluate message carries
+    cfg_json = config_to_json(cfg)
+
+    def round_config(rnd: int) -> ConfigRecord:
+        """What every train/evaluate message of round ``rnd`` carries: the run config and the round's LRs."""
+        return ConfigRecord({CONFIG_KEY: cfg_json, LRS_KEY: round_lrs(cfg, rnd)})
 
     def on_round(rnd: int, arrays: ArrayRecord, train_m: MetricRecord | None, eval_m: MetricRecord | None,
                  seconds: float) -> None:
@@ -109,7 +132,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         log.info("round %d: test accuracy %.4f, bytes up %d down %d, replies ok %d failed %d dropped %d "
                  "clipped %d", rnd, record["test_accuracy"], record["bytes_up"], record["bytes_down"],
                  record["replies_ok"], record["replies_failed"], record["replies_dropped"], record["replies_clipped"])
-        save_checkpoint(ckpt_dir, ServerCheckpoint(rnd, global_state, strategy.state_arrays(), history,
+        save_round_checkpoint(ckpt_dir, ServerCheckpoint(rnd, global_state, strategy.state_arrays(), history,
                                                    capture_rng()), cfg)
 
     final = to_numpy_record(state)
@@ -118,7 +141,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                            timeout=cfg.engine.round_timeout, config=round_config, on_round=on_round)
     models.load_trainable_state(model, decode_record(final))
     extra = {"rounds": len(history), "clients": cfg.engine.clients,
-             "strategy": cfg.engine.strategy, "transport_dtype": cfg.engine.transport_dtype,
+             "strategy": cfg.engine.strategy, "transport_dtype": cfg.transport.dtype,
              "payload_bytes_up_per_client": history[-1]["bytes_up_per_client"] if history else 0,
              "flower_seconds": time.perf_counter() - started}
     return finish_run(cfg, model, history, run_dir, extra=extra)

@@ -4,7 +4,7 @@ the server-side DP clipping wrappers) plus compactfl's hooks.
 :class:`CompactflHooks` is mixed in front of each Flower strategy class (or of Flower's DP wrapper, which
 then wraps a plain Flower strategy); aggregation itself stays Flower's. The hooks:
 - transport: the strategy keeps an fp32 master ``ArrayRecord``; messages carry it cast to
-  ``engine.transport_dtype`` (FedOpt's ``current_arrays`` therefore stay fp32);
+  ``transport.dtype`` (FedOpt's ``current_arrays`` therefore stay fp32);
 - accounting: every ArrayRecord sent and received is measured (:mod:`server.accounting`);
 - screening, train and evaluate replies alike: structure, arrays and metrics (:mod:`server.validation`);
   a node keeps the ``partition-id`` of its first accepted reply and a partition claimed by two nodes in one
@@ -45,6 +45,7 @@ from flwr.serverapp.strategy import (
 )
 
 from pipeline.config import RunConfig
+from pipeline.data import DataError
 from pipeline.transport.wire import decode_record, encode_state, record_nbytes, to_numpy_record
 from server.accounting import ByteLedger
 from server.example_weights import SizeOf, capped_weights, partition_sizes
@@ -97,7 +98,7 @@ class CompactflHooks:
     def setup_hooks(self, cfg: RunConfig, min_valid: int) -> None:
         """Initialise the hook state (called by :func:`build_strategy`)."""
         eng = cfg.engine
-        self.transport_dtype = eng.transport_dtype
+        self.transport_dtype = cfg.transport.dtype
         self.screen_kind, self.screen_factor = eng.update_screen.kind, eng.update_screen.factor
         self.weight_rule = eng.example_weights
         self.dp_kind = eng.dp.kind
@@ -188,7 +189,13 @@ class CompactflHooks:
     def _cap_weights(self, accepted: list[_Accepted], split: str) -> int:
         """Replace each claimed ``num-examples`` by its capped weight; returns how many were lowered."""
         claims = [(a.partition, int(a.metrics[WEIGHT_KEY])) for a in accepted]
-        weights = capped_weights(self.weight_rule, claims, split, self._size_of)
+        try:
+            weights = capped_weights(self.weight_rule, claims, split, self._size_of)
+        except DataError as exc:  # a deployed server may hold no training split: the nodes hold their own
+            log.warning("engine.example_weights=partition: the server cannot size the partitions (%s); capping "
+                        "at the round's median claim instead", exc)
+            self.weight_rule, self._size_of = "median", None
+            weights = capped_weights(self.weight_rule, claims, split)
         capped = 0
         for a, (_, claim), weight in zip(accepted, claims, weights, strict=True):
             weight = max(int(weight), 1)

@@ -47,7 +47,7 @@ class ArraySpec:
 def expected_layout(global_state: dict[str, torch.Tensor], transport_dtype: str) -> dict[str, ArraySpec]:
     """Key -> (shape, wire dtype) every reply must match, from the global state and the transport dtype."""
     if transport_dtype not in WIRE_DTYPES:
-        raise ValueError(f"engine.transport_dtype must be one of {sorted(WIRE_DTYPES)}, got {transport_dtype!r}")
+        raise ValueError(f"transport.dtype must be one of {sorted(WIRE_DTYPES)}, got {transport_dtype!r}")
     wire = WIRE_DTYPES[transport_dtype]
     return {k: ArraySpec(tuple(v.shape), wire if v.is_floating_point() else str(v.dtype).removeprefix("torch."))
             for k, v in global_state.items()}

@@ -4,7 +4,8 @@ Rooms: :mod:`~pipeline.data.formats` (official python-format files, restricted u
 :mod:`~pipeline.data.download` (md5-checked fetch), :mod:`~pipeline.data.embedded` (the real CIFAR-10 subset
 shipped in ``pipeline/assets/``), :mod:`~pipeline.data.transforms` (batch-vectorised crop/flip/normalise),
 :mod:`~pipeline.data.loaders` (datasets, samplers, loaders), :mod:`~pipeline.data.partition` (IID /
-Dirichlet / shards) and :mod:`~pipeline.data.datasets` (what a run config asks for). Engines call
+Dirichlet / shards), :mod:`~pipeline.data.node_data` (a deployed SuperNode's own folder, written by
+``compactfl partition``) and :mod:`~pipeline.data.datasets` (what a run config asks for). Engines call
 :func:`train_loader` (local / Ray ranks), :func:`client_train_loader` (Flower partitions), :func:`test_loader`
 and :func:`test_shard_loader`; ``pipeline.data`` re-exports what callers need, so it is the one import.
 """

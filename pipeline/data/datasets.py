@@ -17,6 +17,7 @@ from pipeline.config import DataConfig, PartitionConfig, RunConfig
 from pipeline.data.embedded import load_embedded
 from pipeline.data.formats import CifarArrays, DataError, read_split
 from pipeline.data.loaders import CifarLoader, ImageDataset, make_test_loader, make_train_loader
+from pipeline.data.node_data import is_node_folder, load_node_data
 from pipeline.data.partition import format_partition_summary, partition, partition_summary
 from pipeline.data.transforms import hash_seed
 
@@ -96,6 +97,10 @@ def client_train_loader(cfg: RunConfig, partition_id: int, num_partitions: int) 
     Shuffling/augmentation are seeded per client; call ``loader.set_epoch(e)`` with a global epoch count
     (e.g. ``(round - 1) * local_epochs + local_epoch``) so rounds do not repeat the same order.
     """
+    if is_node_folder(cfg.data.root):  # a deployed SuperNode: its own folder holds exactly its partition
+        node = load_node_data(cfg.data.root, partition_id, num_partitions, cfg.data.name)
+        return make_train_loader(node.train, cfg.train.batch_size, seed=hash_seed(cfg.seed, partition_id),
+                                 augment=cfg.data.augment)
     idx = client_partition(cfg, partition_id, num_partitions)
     return make_train_loader(dataset_for(cfg.data, "train"), cfg.train.batch_size,
                              seed=hash_seed(cfg.seed, partition_id), augment=cfg.data.augment, indices=idx)
@@ -121,6 +126,9 @@ test_loader.__test__ = False  # type: ignore[attr-defined]  # keep pytest from c
 
 def test_shard_loader(cfg: RunConfig, shard: int, num_shards: int) -> CifarLoader:
     """Every ``num_shards``-th test sample from ``shard`` on (the shards cover the test set exactly once)."""
+    if is_node_folder(cfg.data.root):  # a deployed SuperNode holds its shard only
+        node = load_node_data(cfg.data.root, shard, num_shards, cfg.data.name)
+        return make_test_loader(node.test, cfg.train.eval_batch_size)
     test_set = dataset_for(cfg.data, "test")
     return make_test_loader(test_set.subset(torch.arange(shard, len(test_set), num_shards)), cfg.train.eval_batch_size)
 

@@ -32,8 +32,3 @@ def run_engine(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         return run_ray(cfg, run_dir)
     raise ValueError(f"engine.kind: unknown engine {kind!r} (expected local, flower or ray)")
 
-
-def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
-    """What a resumed run must share with its checkpoint: seed, data, model, compression, distillation."""
-    dump = cfg.model_dump(mode="json")
-    return {k: dump[k] for k in ("seed", "data", "model", "compression", "distill")}

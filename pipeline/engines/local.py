@@ -6,9 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import has_epoch_checkpoint, load_epoch_checkpoint, save_epoch_checkpoint
 from pipeline.config import RunConfig
-from pipeline.engines import run_fingerprint
 from pipeline.logging_utils import get_logger, progress
 
 log = get_logger("engine")
@@ -22,7 +21,7 @@ def run_local(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     from pipeline.modeling import build_training_model
     from pipeline.stages import finish_run
     from pipeline.teacher import get_teacher
-    from pipeline.train import build_optimizer, build_scheduler, fit, resolve_device, seed_everything
+    from pipeline.train import build_optimizer, fit, resolve_device, seed_everything
 
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -34,13 +33,11 @@ def run_local(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     train_data = train_loader(cfg)
     eval_loader = test_loader(cfg)
     optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    fingerprint = run_fingerprint(cfg)
     ckpt_dir = run_dir / CHECKPOINT_DIR
     start_epoch, history = 0, []
-    if cfg.resume and has_checkpoint(ckpt_dir):
-        start_epoch, history = load_checkpoint(ckpt_dir, model, optimizer, fingerprint)
-        scheduler.last_epoch = start_epoch
+    if cfg.resume and has_epoch_checkpoint(ckpt_dir):
+        resumed = load_epoch_checkpoint(ckpt_dir, model, optimizer, cfg)
+        start_epoch, history = resumed.epoch, resumed.history
         log.info("resumed from %s after epoch %d", run_dir, start_epoch)
     epochs = cfg.train.epochs
     tick = {"t": time.perf_counter()}
@@ -54,12 +51,12 @@ def run_local(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         def on_epoch(epoch: int, record: dict[str, Any]) -> None:
             record["seconds"] = time.perf_counter() - tick["t"]
             history.append(record)
-            save_checkpoint(ckpt_dir, model, optimizer, epoch + 1, history, fingerprint)
+            save_epoch_checkpoint(ckpt_dir, model, optimizer, epoch + 1, history, cfg)
             bar.update(epoch + 1, record)
 
         if start_epoch < epochs:
             fit(model, train_data, cfg.train, loss_fn=loss_fn, device=device, test_loader=eval_loader,
-                optimizer=optimizer, scheduler=scheduler, start_epoch=start_epoch, on_epoch=on_epoch,
+                optimizer=optimizer, start_epoch=start_epoch, on_epoch=on_epoch,
                 before_epoch=before_epoch)
     return finish_run(cfg, model, history, run_dir,
                       extra={"train_seconds": time.perf_counter() - started, "resumed_from_epoch": start_epoch})

@@ -6,7 +6,8 @@ The driver joins (or starts) a Ray cluster, runs ``engine.workers`` DDP workers 
 :func:`pipeline.stages.finish_run` (finalise -> evaluate -> save -> report), like every engine.
 
 Starting the same run name with the same storage again resumes from its latest checkpoint (after a driver
-crash, or with more ``train.epochs``); delete ``<storage>/<run name>`` to start from scratch.
+crash, or with more ``train.epochs``); a config that changes the outcome is refused before any worker starts
+(:func:`check_ray_resume`); delete ``<storage>/<run name>`` to start from scratch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,12 +120,16 @@ def run_name(cfg: RunConfig, run_dir: Path) -> str:
     return cfg.name or Path(run_dir).name
 
 
-def build_trainer(cfg: RunConfig, run_dir: Path):
-    """The TorchTrainer of a run (gloo on CPU, NCCL on GPU), checkpointing into ``storage_dir``."""
+def build_trainer(cfg: RunConfig, run_dir: Path, train_func: Callable[[dict[str, Any]], None] | None = None):
+    """The TorchTrainer of a run (gloo on CPU, NCCL on GPU), checkpointing into ``storage_dir``.
+
+    ``train_func`` defaults to :func:`clients.ray_worker.train_func` (tests pass a wrapper that injects faults).
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from clients.ray_worker import train_func
+    if train_func is None:
+        from clients.ray_worker import train_func
 
     eng = cfg.engine
     storage = storage_dir(cfg, run_dir)
@@ -131,7 +137,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path):
     resources = {"CPU": eng.cpus_per_worker, **({"GPU": 1} if eng.use_gpu else {})}
     return TorchTrainer(
         train_func,
-        train_loop_config={"run": cfg.model_dump(mode="json"), "marker_dir": str(storage / name)},
+        train_loop_config={"run": cfg.model_dump(mode="json")},
         torch_config=TorchConfig(backend="nccl" if eng.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=eng.workers, use_gpu=eng.use_gpu,
                                                resources_per_worker=resources),
@@ -145,16 +151,33 @@ def build_trainer(cfg: RunConfig, run_dir: Path):
 
 def load_final(cfg: RunConfig, checkpoint) -> tuple[Any, list[dict[str, Any]]]:
     """(training model with the checkpoint's weights, history) from a Ray checkpoint written by a worker."""
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.engines import run_fingerprint
+    from pipeline.checkpoint import load_epoch_checkpoint
     from pipeline.modeling import build_training_model
     from pipeline.train import build_optimizer
 
     model = build_training_model(cfg)
     optimizer = build_optimizer(model, cfg.train)
     with checkpoint.as_directory() as d:
-        _, history = load_checkpoint(Path(d), model, optimizer, run_fingerprint(cfg))
+        history = load_epoch_checkpoint(Path(d), model, optimizer, cfg).history
     return model, history
+
+
+def latest_ray_checkpoint(run_storage: Path) -> Path | None:
+    """The newest epoch checkpoint folder a worker wrote under ``<storage>/<run name>`` (None: fresh run)."""
+    from pipeline.checkpoint import has_epoch_checkpoint
+
+    found = sorted(p for p in Path(run_storage).glob("epoch_*") if has_epoch_checkpoint(p))
+    return found[-1] if found else None
+
+
+def check_ray_resume(cfg: RunConfig, run_storage: Path) -> None:
+    """Refuse, before any worker starts, to continue a run whose checkpoint has a config this one changes."""
+    from pipeline.checkpoint import check_resume, epoch_checkpoint_config
+
+    latest = latest_ray_checkpoint(run_storage)
+    if latest is not None:  # the ray engine always continues a run name it finds
+        check_resume(epoch_checkpoint_config(latest), cfg, latest,
+                     remedy=f"use another name or delete {Path(run_storage)} to start over")
 
 
 def comm_totals(history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -168,8 +191,12 @@ def comm_totals(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- run
-def run_ray(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
-    """Train ``cfg`` on Ray Train workers, then finalise/evaluate/save through ``finish_run``; returns summary."""
+def run_ray(cfg: RunConfig, run_dir: Path, *, train_func: Callable[[dict[str, Any]], None] | None = None
+            ) -> dict[str, Any]:
+    """Train ``cfg`` on Ray Train workers, then finalise/evaluate/save through ``finish_run``; returns summary.
+
+    ``train_func``: the per-worker function (default :func:`clients.ray_worker.train_func`).
+    """
     from pipeline.stages import finish_run
     from pipeline.teacher import get_teacher
 
@@ -178,13 +205,14 @@ def run_ray(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.engine.kind != "ray":
         raise ValueError(f"engine.kind: run_ray needs 'ray', got {cfg.engine.kind!r}")
     cfg = absolute_config(cfg)
+    check_ray_resume(cfg, storage_dir(cfg, run_dir) / run_name(cfg, run_dir))
     get_teacher(cfg, "cpu")  # train/save a teacher spec once; every worker then loads the saved copy
     started_here = connect(cfg)
     try:
         import ray.train
 
         try:
-            result = build_trainer(cfg, run_dir).fit()
+            result = build_trainer(cfg, run_dir, train_func).fit()
         except ray.train.TrainingFailedError as exc:
             raise RuntimeError(f"ray engine: training of {run_name(cfg, run_dir)!r} failed: {exc}") from exc
         if result.checkpoint is None:

@@ -1,7 +1,11 @@
 """What travels between workers, and how: the neutral room that clients, server and Ray hooks all import.
 
-- :mod:`pipeline.transport.wire`: the Flower message format (model state <-> ``ArrayRecord``, the run
-  config as JSON) shared by the ClientApp and the ServerApp, with exact byte counts;
+- :mod:`pipeline.transport.wire`: the Flower message format (model state and encoded updates <->
+  ``ArrayRecord``, the run config as JSON) shared by the ClientApp and the ServerApp, with exact byte counts;
+- :mod:`pipeline.transport.codecs` (+ :mod:`~pipeline.transport.packing`): the update codecs (cast, qsgd,
+  topk, sign) and their chains;
+- :mod:`pipeline.transport.error_feedback`: per-tensor residuals of what the codecs dropped;
+- :mod:`pipeline.transport.update`: a whole update through the ``transport`` config's per-tensor rules;
 - :mod:`pipeline.transport.ddp_hooks`: the DDP communication hooks that count (and compress) the gradient
-  bytes each Ray worker hands to allreduce.
+  bytes each Ray worker sends.
 """

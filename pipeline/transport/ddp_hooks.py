@@ -1,11 +1,27 @@
-"""DDP communication hooks that count the gradient bytes each rank hands to allreduce, optionally compressed.
+"""DDP communication hooks that count the gradient bytes each rank sends, optionally compressed.
 
-``comm`` specs: ``none`` (fp32 allreduce), ``fp16`` / ``bf16`` (cast buckets to half precision), and
-``powersgd(R)`` (rank-R PowerSGD with error feedback, after ``start_iter`` plain warm-up steps). The hooks are
-the stock ones from ``torch.distributed.algorithms.ddp_comm_hooks``; the wrapper only counts.
+``transport.comm`` specs:
 
-Unit: bytes of the tensors this rank passes to ``all_reduce`` (the payload). A ring allreduce moves about
-``2 (n-1)/n`` times this over each rank's link, the same factor for every spec, so ratios are unaffected.
+- ``none`` (fp32 allreduce), ``fp16`` / ``bf16`` (cast buckets to half precision), ``powersgd(R)`` (rank-R
+  PowerSGD with its own error feedback, after ``start_iter`` plain warm-up steps): the stock hooks of
+  ``torch.distributed.algorithms.ddp_comm_hooks``, which this module only counts;
+- a codec chain of :mod:`pipeline.transport.codecs` (``topk(frac=0.01)+qsgd(bits=8,block=256)``, ``sign``,
+  ...): each rank encodes each bucket (plus its error-feedback residuals when ``transport.error_feedback`` is
+  on, kept per parameter so that DDP's re-bucketing after the first step keeps them), the encoded payloads
+  are exchanged with ``all_gather`` (allreduce cannot sum payloads whose supports and scales differ per
+  rank), and every rank decodes all of them and averages. Stochastic rounding is seeded by (seed, step,
+  rank, bucket index); :meth:`CommStats.state_dict` holds what a resumed rank needs (step counter and
+  residuals). A resumed DDP starts with its initial buckets again, so its first step is encoded per
+  bucket differently from an uninterrupted run: resume is exact in its state, not bit-identical in that
+  step.
+
+Unit: **bytes this rank sends per step**. For allreduce specs: the tensors this rank passes to
+``all_reduce``; a ring allreduce moves about ``2 (n-1)/n`` times this over each link, whatever n. For codec
+specs: this rank's encoded payload (:attr:`Encoded.nbytes` plus a 4-byte length for variable-size index
+streams) plus the 8-byte length word exchanged first. An allgather delivers every rank's payload to every
+other rank, so each rank *receives* about ``(n-1)`` times this: allgather traffic grows with the number of
+workers, allreduce traffic does not. ``CommStats.padding`` counts the extra bytes of the fixed-size gloo/NCCL
+allgather (each payload is padded to the largest rank's length); they are not part of ``bytes``.
 """
 
 import re
@@ -16,6 +32,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+from pipeline.transport.codecs import Chain, CodecContext, parse_chain
+from pipeline.transport.error_feedback import ErrorFeedback
 
 _POWERSGD = re.compile(r"powersgd\((\d+)\)")
 
@@ -29,6 +48,8 @@ class CommStats:
     steps: int = 0
     calls: int = 0
     last_step_bytes: int = 0  # the latest complete step (steady state once PowerSGD's warm-up is over)
+    padding: int = 0  # codec specs: allgather padding to the largest payload (not in ``bytes``)
+    error_feedback: ErrorFeedback | None = None  # codec specs with error feedback: per-bucket residuals
     _current: int = 0
 
     def per_step(self) -> float:
@@ -38,15 +59,41 @@ class CommStats:
         """(bytes, steps) so far; subtract two snapshots to get an epoch's share."""
         return self.bytes, self.steps
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a codec hook continues from after a resume (one per rank): the step counter, which seeds the
+        stochastic rounding, and the error-feedback residuals (keyed by parameter name)."""
+        out = {"steps": torch.tensor([self.steps], dtype=torch.int64)}
+        if self.error_feedback is not None:
+            out.update({f"ef/{k}": v for k, v in self.error_feedback.state_dict().items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_dict` (residuals only when this hook runs error feedback)."""
+        if "steps" not in state or state["steps"].numel() != 1:
+            raise ValueError("comm hook state lacks its step counter")
+        self.steps = int(state["steps"].reshape(-1)[0])
+        residuals = {k.removeprefix("ef/"): v for k, v in state.items() if k.startswith("ef/")}
+        if self.error_feedback is not None:
+            self.error_feedback.load_state_dict(residuals)
+        elif residuals:
+            raise ValueError("comm hook state holds error-feedback residuals, but error feedback is off")
+
 
 def parse_comm(spec: str) -> tuple[str, int | None]:
-    """``"powersgd(2)"`` -> ``("powersgd", 2)``; ``"fp16"`` -> ``("fp16", None)``; anything else raises."""
+    """``"powersgd(2)"`` -> ``("powersgd", 2)``; ``"fp16"`` -> ``("fp16", None)``; a codec chain ->
+    ``("codec", None)``; anything else raises a ValueError naming ``transport.comm``."""
     if spec in ("none", "fp16", "bf16"):
         return spec, None
     m = _POWERSGD.fullmatch(spec)
     if m and int(m.group(1)) >= 1:
         return "powersgd", int(m.group(1))
-    raise ValueError(f"engine.comm: expected none, fp16, bf16 or powersgd(RANK>=1), got {spec!r}")
+    if not spec.startswith("powersgd"):
+        try:
+            if parse_chain(spec).stages:
+                return "codec", None
+        except ValueError as exc:
+            raise ValueError(f"transport.comm: {exc}") from None
+    raise ValueError(f"transport.comm: expected none, fp16, bf16, powersgd(RANK>=1) or a codec chain, got {spec!r}")
 
 
 class _HookState:
@@ -54,6 +101,72 @@ class _HookState:
 
     def __init__(self, kind: str, stats: CommStats, process_group, inner: Any) -> None:
         self.kind, self.stats, self.process_group, self.inner = kind, stats, process_group, inner
+
+
+class _CodecState:
+    """State of the codec hook: the chain, the counters, the seed of the rounding, parameter names (residuals
+    are kept per parameter, so they survive DDP re-bucketing)."""
+
+    def __init__(self, chain: Chain, stats: CommStats, process_group, seed: int, names: dict[int, str]) -> None:
+        self.chain, self.stats, self.process_group, self.seed, self.names = chain, stats, process_group, seed, names
+        self.rank = dist.get_rank(process_group)
+        self.world = dist.get_world_size(process_group)
+
+
+def _gather_payloads(payload: torch.Tensor, process_group) -> list[torch.Tensor]:
+    """Every rank's uint8 payload (lengths exchanged first, payloads padded to the longest for all_gather)."""
+    world = dist.get_world_size(process_group)
+    size = torch.tensor([payload.numel()], dtype=torch.int64, device=payload.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=process_group)
+    longest = max(int(s) for s in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=payload.device)
+    padded[: payload.numel()] = payload
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=process_group)
+    return [g[: int(s)] for g, s in zip(gathered, sizes, strict=True)]
+
+
+def _codec_hook(state: _CodecState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Encode this rank's bucket (with error feedback), allgather the payloads, decode and average them.
+
+    Stochastic rounding is seeded by (seed, step, rank, bucket index), so reruns are bit-identical.
+    """
+    buf = bucket.buffer()
+    st, chain = state.stats, state.chain
+    name = f"bucket{bucket.index()}"
+    ctx = CodecContext(seed=state.seed, round=st.steps, partition=state.rank, name=name)
+    grad = buf.detach().float()
+    ef = st.error_feedback
+    if ef is not None:  # the bucket is its parameters' gradients back to back
+        names = [state.names[id(p)] for p in bucket.parameters()]
+        sizes = [p.numel() for p in bucket.parameters()]
+        grad = torch.cat([ef.compensate(n, g, st.steps) for n, g in zip(names, grad.split(sizes), strict=True)])
+    encoded = chain.encode(grad, ctx)
+    own = chain.decode(encoded)
+    if ef is not None:
+        for n, c, o in zip(names, grad.split(sizes), own.split(sizes), strict=True):
+            ef.record(n, c, o, st.steps)
+    payload = chain.to_bytes(encoded).to(buf.device)
+    payloads = _gather_payloads(payload, state.process_group)
+    total = torch.zeros_like(own)
+    for rank, data in enumerate(payloads):
+        total += own if rank == state.rank else chain.decode(chain.from_bytes(data, encoded.shape))
+    sent = payload.numel() + 8
+    st.padding += max(p.numel() for p in payloads) - payload.numel()
+    _count(st, sent, bucket)
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    fut.set_result((total / state.world).to(buf.dtype))
+    return fut
+
+
+def _count(st: CommStats, sent: int, bucket: dist.GradBucket) -> None:
+    st.bytes += int(sent)
+    st.calls += 1
+    st._current += int(sent)
+    if bucket.is_last():
+        st.steps += 1
+        st.last_step_bytes, st._current = st._current, 0
 
 
 def _counting_hook(state: _HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -76,26 +189,29 @@ def _counting_hook(state: _HookState, bucket: dist.GradBucket) -> torch.futures.
         fut = powerSGD_hook.powerSGD_hook(ps, bucket)
         numel = buf.numel() if warm_up else ps.total_numel_after_compression - before
         sent = numel * buf.element_size()
-    st = state.stats
-    st.bytes += int(sent)
-    st.calls += 1
-    st._current += int(sent)
-    if bucket.is_last():
-        st.steps += 1
-        st.last_step_bytes, st._current = st._current, 0
+    _count(state.stats, sent, bucket)
     return fut
 
 
 def register_comm_hook(model: nn.Module, spec: str, *, process_group=None, powersgd_start_iter: int = 2,
-                       seed: int = 0) -> CommStats:
+                       seed: int = 0, error_feedback: bool = False, residual_decay: float = 1.0) -> CommStats:
     """Install the counting (and compressing) hook on a DDP ``model``; returns its live :class:`CommStats`.
 
     ``powersgd_start_iter`` plain-allreduce steps precede PowerSGD (torch's minimum with error feedback is 2;
-    its default of 1000 would make short runs uncompressed).
+    its default of 1000 would make short runs uncompressed). ``error_feedback``/``residual_decay`` apply to
+    codec chains (``transport.error_feedback``); the stock specs refuse them.
     """
     if not isinstance(model, nn.parallel.DistributedDataParallel):
         raise TypeError(f"register_comm_hook needs a DistributedDataParallel model, got {type(model).__name__}")
     kind, rank = parse_comm(spec)
+    if kind == "codec":
+        ef = ErrorFeedback(residual_decay) if error_feedback else None
+        stats = CommStats(spec=spec, error_feedback=ef)
+        names = {id(p): n for n, p in model.module.named_parameters()}
+        model.register_comm_hook(_CodecState(parse_chain(spec), stats, process_group, seed, names), _codec_hook)
+        return stats
+    if error_feedback:
+        raise ValueError(f"transport.error_feedback applies to codec chains, not to comm {spec!r}")
     inner = None
     if kind == "powersgd":
         inner = powerSGD_hook.PowerSGDState(process_group=process_group, matrix_approximation_rank=rank,

@@ -1,7 +1,10 @@
 """What a Flower message carries: model state <-> ``ArrayRecord`` (fp32 / fp16 / bf16) and the run config.
 
 Both the ClientApp and the ServerApp use this one codec, so bytes are counted on exactly the payload that
-travels. On the wire each tensor is one ``Array`` whose ``data`` is the raw little-endian buffer
+travels. An encoded update (:mod:`pipeline.transport.update`) travels as one raw-buffer Array per encoded
+part, keyed ``NAME/PART`` (``conv1.weight/values``, ``conv1.weight/indices``, ``conv1.weight/scales``), plus
+one ``transport-header`` Array holding the JSON header (format version, codec chain, dtype) that the receiver
+checks before decoding. On the wire each tensor is one ``Array`` whose ``data`` is the raw little-endian buffer
 (``stype="compactfl.raw"``; dtype and shape travel in the Array's own fields), so the payload is exactly
 ``numel * itemsize`` and no per-tensor npy header inflates small tensors. bf16 (which NumPy lacks) travels
 as its 16-bit patterns. Flower's strategies aggregate NumPy-backed Arrays: the server converts valid
@@ -11,6 +14,7 @@ replies with :func:`to_numpy_record` before handing them over.
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from typing import Any
 
 import numpy as np
@@ -18,7 +22,8 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from models.state import cast_state
-from pipeline.config import RunConfig, config_from_dict
+from pipeline.config import RunConfig, TransportConfig, config_from_dict
+from pipeline.transport.update import EncodedUpdate, check_header, decode_update, tensor_chain
 
 RAW_STYPE = "compactfl.raw"
 #: wire dtype string -> (numpy dtype of the raw buffer, torch dtype it decodes to)
@@ -28,11 +33,17 @@ _RAW = {
     "bfloat16": (np.dtype("<u2"), torch.bfloat16),
     "float64": (np.dtype("<f8"), torch.float64),
     "int64": (np.dtype("<i8"), torch.int64),
+    "uint8": (np.dtype("u1"), torch.uint8),
 }
 _TORCH_TO_WIRE = {torch_dtype: name for name, (_, torch_dtype) in _RAW.items()}
-#: Array.dtype string of each transport dtype of ``engine.transport_dtype``.
+#: Array.dtype string of each transport dtype of ``transport.dtype``.
 WIRE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 CONFIG_KEY = "compactfl-config"
+HEADER_KEY = "transport-header"
+#: largest header accepted from a peer (a JSON object of three short fields).
+MAX_HEADER_BYTES = 4096
+#: a train message's learning rates, one per local epoch, from the run's schedule on the global epoch count
+LRS_KEY = "compactfl-lrs"
 
 
 def encode_tensor(tensor: torch.Tensor) -> Array:
@@ -100,3 +111,52 @@ def config_from_json(text: str) -> RunConfig:
     if not isinstance(raw, dict):
         raise ValueError(f"{CONFIG_KEY}: expected a JSON object, got {type(raw).__name__}")
     return config_from_dict(raw)
+
+
+# -------------------------------------------------------------------------------------- encoded updates
+def update_to_record(update: EncodedUpdate) -> ArrayRecord:
+    """An :class:`EncodedUpdate` as an ``ArrayRecord``: the header, then ``NAME/PART`` raw Arrays."""
+    record = ArrayRecord()
+    head = json.dumps(update.header, sort_keys=True).encode()
+    record[HEADER_KEY] = encode_tensor(torch.frombuffer(bytearray(head), dtype=torch.uint8))
+    for name, enc in update.tensors.items():
+        for part, tensor in enc.parts.items():
+            record[f"{name}/{part}"] = encode_tensor(tensor)
+    return record
+
+
+def record_to_update(record: ArrayRecord, transport: TransportConfig, layout: dict[str, tuple[int, ...]],
+                     round: int) -> dict[str, torch.Tensor]:
+    """fp32 tensors of ``layout`` from an untrusted record of :func:`update_to_record`.
+
+    The header must match ``transport`` for ``round``; each tensor must carry exactly its chain's parts in
+    their dtypes. Anything else is a one-line ValueError naming the header, key or tensor.
+    """
+    if HEADER_KEY not in record:
+        raise ValueError(f"encoded update lacks its {HEADER_KEY!r}")
+    head = record[HEADER_KEY]
+    if head.stype != RAW_STYPE or head.dtype != "uint8" or len(head.data) > MAX_HEADER_BYTES:
+        raise ValueError(f"{HEADER_KEY}: expected a raw uint8 buffer of at most {MAX_HEADER_BYTES} bytes")
+    try:
+        received = json.loads(bytes(head.data).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{HEADER_KEY}: not valid JSON") from None
+    check_header(received, transport, round)
+    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, array in record.items():
+        if key == HEADER_KEY:
+            continue
+        name, sep, part = key.rpartition("/")
+        if not sep or name not in layout:
+            raise ValueError(f"encoded update: unexpected key {key!r}")
+        want = tensor_chain(name, transport, round).part_dtypes()
+        if part not in want:
+            raise ValueError(f"update tensor {name!r}: unexpected part {part!r}")
+        if array.stype != RAW_STYPE or array.dtype not in _RAW or _RAW[array.dtype][1] != want[part] \
+                or len(array.shape) != 1:
+            raise ValueError(f"update tensor {name!r}: part {part!r} must be a 1-D raw {want[part]} buffer")
+        try:
+            parts[name][part] = decode_array(array)
+        except ValueError as exc:
+            raise ValueError(f"update tensor {name!r}: part {part!r}: {exc}") from None
+    return decode_update(dict(parts), transport, layout, round)

@@ -1,10 +1,11 @@
 """One real Flower simulation (Ray backend) through the pipeline's flower engine, in a subprocess.
 
-Five SuperNodes, CSG compression, bf16 transport, two rounds; node 1 raises, node 2 returns NaNs, node 4
-returns a wrong-shaped tensor. The run must complete with the two good clients, drop the bad replies,
-write the usual run dir, and reach bit-identical final weights to the in-process LocalGrid run of the
-same config (so the Ray path and the ServerApp logic tested in test_flower.py are the same computation).
-Ray start-up dominates (~1 minute on 2 busy cores): this is the only simulation in the suite.
+Five SuperNodes, CSG compression, bf16 transport, two rounds; a test ClientApp (``tests/fault_injection.py``)
+wraps the real one: node 1 raises, node 2 returns NaNs, node 4 returns a wrong-shaped tensor. The run must
+complete with the two good clients, drop the bad replies, write the usual run dir, and reach bit-identical
+final weights to the in-process LocalGrid run of the same config (so the Ray path and the ServerApp logic
+tested in test_flower_server.py are the same computation). Ray start-up dominates (~1 minute on 2 busy
+cores): this is the only simulation in the suite.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ import safetensors.torch
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = """
+FAULTS = {1: "raise", 2: "nan", 4: "shape"}
+SCRIPT = f"FAULTS = {FAULTS!r}\n" + """
 import json, sys
 from pipeline.config import config_from_dict
 from pipeline.engines.flower import run_flower
+from tests.fault_injection import faulty_client_app
 cfg = config_from_dict(json.loads(sys.argv[1]))
-summary = run_flower(cfg, cfg.run_dir)
+summary = run_flower(cfg, cfg.run_dir, client_app=faulty_client_app(FAULTS))
 print("SUMMARY " + json.dumps({k: summary[k] for k in ("test_accuracy", "bytes_up", "bytes_down", "steps")}))
 """
 
@@ -37,8 +40,8 @@ def sim_config(out: Path, name: str) -> dict:
                                                                       "min_size": 10}},
         "model": {"name": "smallnet3"},
         "compression": {"kind": "csg", "slice_shape": [8, 8, 3, 3], "code_size": 8},
-        "engine": {"kind": "flower", "rounds": 2, "clients": 5, "min_train_nodes": 2, "transport_dtype": "bf16",
-                   "fault_nodes": {1: "raise", 2: "nan", 4: "shape"}, "round_timeout": 240},
+        "engine": {"kind": "flower", "rounds": 2, "clients": 5, "min_train_nodes": 2, "round_timeout": 240},
+        "transport": {"dtype": "bf16"},
         "train": {"batch_size": 32, "lr": 0.05, "max_batches": 2, "eval_batch_size": 64},
     }
 
@@ -62,13 +65,13 @@ def test_simulation_survives_faulty_clients_and_matches_in_process_run(tmp_path:
         assert record["clients_sent"] == 5 and record["bytes_down"] == 5 * record["bytes_down_per_client"]
     assert "dropped reply from node" in proc.stderr and "non-finite" in proc.stderr and "shape" in proc.stderr
 
-    from clients.app import app as client_app
     from pipeline.config import config_from_dict
     from server.local_grid import LocalGrid
     from server.runner import run_server
+    from tests.fault_injection import faulty_client_app
 
     cfg = config_from_dict(sim_config(tmp_path, "local"))
-    local = run_server(LocalGrid(client_app, cfg.engine.clients), cfg, cfg.run_dir)
+    local = run_server(LocalGrid(faulty_client_app(FAULTS), cfg.engine.clients), cfg, cfg.run_dir)
     assert (local["bytes_up"], local["bytes_down"]) == (summary["bytes_up"], summary["bytes_down"])
     ray_w = safetensors.torch.load_file(str(run_dir / "model.safetensors"))
     local_w = safetensors.torch.load_file(str(tmp_path / "local" / "model.safetensors"))

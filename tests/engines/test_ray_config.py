@@ -11,9 +11,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clients.ray_worker import epoch_seed, fault_rank, progress_line, wait_for_committed_checkpoint
+from clients.ray_worker import CHECKPOINT_DIR, epoch_seed, progress_line
+from pipeline.checkpoint import ResumeError, save_epoch_checkpoint
 from pipeline.config import config_from_dict
-from pipeline.engines.ray import absolute_config, address_reachable, comm_totals, resolve_address, storage_dir
+from pipeline.engines.ray import (
+    absolute_config,
+    address_reachable,
+    check_ray_resume,
+    comm_totals,
+    latest_ray_checkpoint,
+    resolve_address,
+    storage_dir,
+)
+from tests.fault_injection import fault_rank, wait_for_committed_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -104,3 +114,28 @@ def test_fault_injection_waits_for_the_committed_checkpoint(tmp_path: Path) -> N
     assert not wait_for_committed_checkpoint(tmp_path, "epoch_0001", timeout=0.3)
     snap.write_text('{"latest_checkpoint_result": {"checkpoint_dir_name": "epoch_0001"}}')
     assert wait_for_committed_checkpoint(tmp_path, "epoch_0001", timeout=1)
+
+
+def test_ray_resume_refuses_a_changed_config_before_any_worker_starts(tmp_path: Path) -> None:
+    """The driver reads the newest epoch checkpoint a worker wrote and names the first key that differs."""
+    import models
+    from pipeline.train import build_optimizer
+
+    raw = {"name": "r", "output": str(tmp_path), "model": {"name": "smallnet3"}, "engine": {"kind": "ray"},
+           "train": {"epochs": 2, "schedule": "cosine"}}
+    cfg = config_from_dict(raw)
+    run_storage = tmp_path / "ray" / "r"
+    assert latest_ray_checkpoint(run_storage) is None
+    check_ray_resume(cfg, run_storage)  # nothing to resume: a fresh run
+    model = models.build("smallnet3")
+    for epoch in (1, 2):
+        folder = run_storage / CHECKPOINT_DIR.format(epoch=epoch)
+        save_epoch_checkpoint(folder, model, build_optimizer(model, cfg.train), epoch, [], cfg)
+    assert latest_ray_checkpoint(run_storage).name == "epoch_0002"
+    check_ray_resume(config_from_dict({**raw, "train": {"epochs": 4, "schedule": "cosine"},
+                                       "engine": {"kind": "ray", "max_failures": 3}}), run_storage)
+    with pytest.raises(ResumeError, match=r"different train\.lr \(0\.05, now 0\.1\)"):
+        check_ray_resume(config_from_dict({**raw, "train": {"epochs": 2, "schedule": "cosine", "lr": 0.1}}),
+                         run_storage)
+    with pytest.raises(ResumeError, match=r"engine\.workers .*delete .*ray/r to start over"):
+        check_ray_resume(config_from_dict({**raw, "engine": {"kind": "ray", "workers": 3}}), run_storage)

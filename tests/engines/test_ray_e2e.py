@@ -27,6 +27,7 @@ PYTHON = sys.executable
 RAY = str(Path(PYTHON).parent / "ray")
 pytestmark = pytest.mark.slow
 
+DIE_BEFORE_EPOCH = {"expand": 2}  # scenario -> epoch before which rank 1 kills itself once (test-only wrapper)
 TINY = {"data": {"root": None, "train_limit": 128, "test_limit": 100, "augment": True},
         "train": {"batch_size": 64, "eval_batch_size": 100, "lr": 0.02, "epochs": 1}}
 CSG = {"kind": "csg", "slice_shape": [16, 16, 3, 3], "code_size": 16}
@@ -43,10 +44,10 @@ def scenario_configs(out: Path) -> dict[str, dict[str, Any]]:
     return {
         "dense": cfg("dense", "resnet20"),
         "csg": cfg("csg", "resnet20", CSG),
-        # KD from a teacher the driver trains once (workers load its saved copy); rank 1 dies once in epoch 2
-        # and the restarted attempt resumes from the epoch-1 checkpoint
-        "expand": {**cfg("expand", "smallnet7", {"kind": "expand", "strategy": "ck", "rate": 4}, epochs=2,
-                         comm="fp16", fail_at_epoch=2),
+        # KD from a teacher the driver trains once (workers load its saved copy); rank 1 dies once before
+        # epoch 2 (DIE_BEFORE_EPOCH) and the restarted attempt resumes from the epoch-1 checkpoint
+        "expand": {**cfg("expand", "smallnet7", {"kind": "expand", "strategy": "ck", "rate": 4}, epochs=2),
+                   "transport": {"comm": "fp16"},
                    "teacher": {"model": {"name": "smallnet3"}, "train": {"epochs": 1, "max_batches": 1}},
                    "distill": {"kind": "kd", "T": 4.0, "alpha": 0.9}},
         "resume": cfg("dense", "resnet20", epochs=2),  # same name + storage as "dense": continues it
@@ -60,6 +61,7 @@ def run_scenarios(out: Path) -> dict[str, Any]:
     from pipeline.config import config_from_dict
     from pipeline.engines.ray import run_ray
     from pipeline.stages import prepare_run_dir
+    from tests.fault_injection import dying_train_func
 
     temp = tempfile.mkdtemp(prefix="cfr", dir="/tmp")
     ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp,
@@ -68,7 +70,8 @@ def run_scenarios(out: Path) -> dict[str, Any]:
     try:
         for key, raw in scenario_configs(out).items():
             cfg = config_from_dict(raw)
-            summary = run_ray(cfg, prepare_run_dir(cfg))
+            worker = dying_train_func(DIE_BEFORE_EPOCH[key]) if key in DIE_BEFORE_EPOCH else None
+            summary = run_ray(cfg, prepare_run_dir(cfg), train_func=worker)
             metrics = json.loads((Path(cfg.run_dir) / "metrics.json").read_text())
             results[key] = {"summary": summary, "history": metrics["history"]}
     finally:

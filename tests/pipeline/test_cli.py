@@ -108,3 +108,69 @@ def test_inspect_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 def test_report_of_a_non_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     err = _one_line_exit_2(["report", str(tmp_path)], capsys)
     assert "metrics.json" in err
+
+
+# ------------------------------------------------------------------ mistakes that used to print tracebacks
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["inspect", "smallnet7", "--block", "G(4)"], "--block: cannot cheapen SmallNet"),
+    (["inspect", "smallnet7", "--image-size", "64"], "--image-size 64: smallnet7 (compact) cannot run on 64x64"),
+    (["inspect", "smallnet7", "--image-size", "0"], "--image-size: expected an integer >= 1, got 0"),
+    (["inspect", "smallnet7", "--expand", "ck", "--rate", "-1"], "--expand/--rate: expansion rate must be"),
+    (["inspect", "smallnet7", "--expand", "ck", "--rate", "four"], "--rate: invalid float value: 'four'"),
+    (["inspect", "resnet20", "--csg", "16,16,3,3", "--code-size", "0"], "--code-size: expected an integer >= 1"),
+    (["inspect", "smallnet7", "--csg", "16,16,3,3", "--code-size", "8"], "--csg/--code-size: slice shape"),
+    (["inspect", "smallnet7", "--expand", "zz"], "invalid choice: 'zz'"),
+    (["export", "/no/such/run", "--onnx"], "not a finished run dir"),
+])
+def test_cli_mistakes_are_one_line_and_exit_2(argv: list[str], expected: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    err = _one_line_exit_2(argv, capsys)
+    assert expected in err, err
+
+
+def test_export_without_the_onnx_extras(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # makes `import onnxscript` fail like a missing package
+    err = _one_line_exit_2(["export", str(tmp_path), "--onnx"], capsys)
+    assert "ONNX extras (missing onnxscript)" in err and "compactfl[onnx]" in err
+
+
+def test_too_few_replies_in_a_flower_run_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The Flower engine re-raises the ServerApp's TooFewReplies; the CLI prints one line and exits 2.
+
+    The simulation runtime is replaced by the in-process LocalGrid (no Ray) with one client that raises.
+    """
+    import flwr.simulation
+    from flwr.app import Context, RecordDict
+
+    from server.local_grid import LocalGrid
+    from tests.fault_injection import faulty_client_app
+
+    def fake_simulation(*, server_app, client_app, num_supernodes, backend_config) -> None:
+        grid = LocalGrid(faulty_client_app({0: "raise"}), num_supernodes)
+        server_app(grid, Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", fake_simulation)
+    sets = ["model.name=smallnet3", "compression={kind: none}", f"output={tmp_path}", "data.train_limit=64",
+            "data.test_limit=32", "train.max_batches=1", "train.batch_size=32",
+            "engine={kind: flower, clients: 2, rounds: 1, min_train_nodes: 2}"]
+    assert main(["run", "--quiet", *[a for s in sets for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err.strip()  # Flower's own log lines come first; the error is the last line
+    assert "TooFewReplies" not in err  # no traceback of the exception
+    last = err.splitlines()[-1]
+    assert last.startswith("compactfl: round 1: only 1 valid replies") and "min_train_nodes=2" in last
+
+
+def test_round_failed_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import pipeline.engines as engines
+    from server.loop import RoundFailed
+
+    def fail(cfg, run_dir):
+        raise RoundFailed("round 1: the strategy produced no global model")
+
+    monkeypatch.setattr(engines, "run_engine", fail)
+    sets = ["model.name=smallnet3", "compression={kind: none}", f"output={tmp_path}", "engine={kind: flower}"]
+    err = _one_line_exit_2(["run", "--quiet", *[a for s in sets for a in ("--set", s)]], capsys)
+    assert err == "compactfl: round 1: the strategy produced no global model"

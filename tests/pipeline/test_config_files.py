@@ -55,7 +55,9 @@ def test_packaged_demo_is_the_repo_demo() -> None:
     (["train.lrr=0.1"], "train.lrr: unknown key"),
     (["train.epochs=many"], "train.epochs"),
     (["compression.kind=zip"], "compression"),
-    (["engine.comm=fp8"], "engine"),
+    (["engine.kind=ray", "transport.comm=fp8"], "transport.comm: unknown codec 'fp8'"),
+    (["engine.kind=ray", "engine.comm=fp16"], "engine.comm: moved to transport.comm"),
+    (["engine.kind=flower", "engine.transport_dtype=bf16"], "engine.transport_dtype: moved to transport.dtype"),
     (["train"], "must look like key.path=value"),
 ])
 def test_config_errors_are_one_line_and_name_the_key(overrides: list[str], needle: str) -> None:

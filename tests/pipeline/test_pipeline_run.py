@@ -78,16 +78,16 @@ def test_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             "train.schedule=cosine"]
     assert main(["run", "--quiet", *_sets([*base, "name=straight"])]) == 0
 
-    real_save = local_engine.save_checkpoint
+    real_save = local_engine.save_epoch_checkpoint
 
     def save_then_crash(*args, **kwargs) -> None:  # the process dies right after the first epoch's checkpoint
         real_save(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(local_engine, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(local_engine, "save_epoch_checkpoint", save_then_crash)
     assert main(["run", "--quiet", *_sets([*base, "name=resumed"])]) == 130
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
-    monkeypatch.setattr(local_engine, "save_checkpoint", real_save)
+    monkeypatch.setattr(local_engine, "save_epoch_checkpoint", real_save)
     assert main(["run", "--quiet", *_sets([*base, "name=resumed", "resume=true"])]) == 0
     a = safetensors.torch.load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = safetensors.torch.load_file(str(tmp_path / "resumed" / "model.safetensors"))
@@ -96,14 +96,23 @@ def test_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     hist = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert [r["epoch"] for r in hist["history"]] == [1, 2] and hist["summary"]["resumed_from_epoch"] == 1
+    assert [r["lr"] for r in hist["history"]] == [0.05, pytest.approx(0.025)]  # cosine over 2 epochs, continued
 
 
-def test_resume_refuses_a_different_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    base = [*TINY, "compression={kind: none}", f"output={tmp_path}", "name=r"]
-    assert main(["run", "--quiet", *_sets([*base, "model.name=smallnet3"])]) == 0
+def test_resume_refuses_a_changed_config_and_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = [*TINY, "compression={kind: none}", f"output={tmp_path}", "name=r", "model.name=smallnet3", "train.epochs=2"]
+    assert main(["run", "--quiet", *_sets(base)]) == 0
     capsys.readouterr()
-    assert main(["run", "--quiet", *_sets([*base, "model.name=smallnet7", "resume=true", "train.epochs=2"])]) == 1
-    assert "resume" in capsys.readouterr().err
+    for change, key in [("model.name=smallnet7", "model.name"), ("train.lr=0.1", "train.lr"),
+                        ("data.augment=false", "data.augment"), ("seed=1", "seed")]:
+        assert main(["run", "--quiet", *_sets([*base, change, "resume=true"])]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("compactfl: resume: ") and f"different {key} " in err, err
+    assert main(["run", "--quiet", *_sets([*base, "train.epochs=1", "resume=true"])]) == 2
+    assert "train.epochs=2; a resume may only extend it" in capsys.readouterr().err
+    assert main(["run", "--quiet", *_sets([*base, "train.epochs=3", "resume=true"])]) == 0  # epochs may grow
+    hist = json.loads((tmp_path / "r" / "metrics.json").read_text())["history"]
+    assert [r["epoch"] for r in hist] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("overrides", [

@@ -1,7 +1,7 @@
 """One hostile client among five: the default server configuration stays near the honest run, FedAvg does not.
 
 The real ServerApp body runs in-process (``server.local_grid.LocalGrid``) against the real ClientApp, wrapped
-by ``hostile_clients.hostile_app`` so that partition 4 replies with a scaled, sign-flipped or
+by ``tests.hostile_clients.hostile_app`` so that partition 4 replies with a scaled, sign-flipped or
 num-examples-inflating update; nothing in the production config plants the attack. Data: the embedded
 CIFAR-10 subset (real images), IID over 5 clients, SmallNet-3, 5 rounds of 5 batches (early training: an
 attacker mostly slows progress down).
@@ -17,11 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hostile_clients import ATTACKS, hostile_app
 
 from pipeline.config import config_from_dict
 from server.local_grid import LocalGrid
 from server.runner import run_server
+from tests.hostile_clients import ATTACKS, hostile_app
 
 BAND = 0.10
 ATTACKER = 4

@@ -1,7 +1,7 @@
 """Reply screening: every refusal names its fault; metrics are rebuilt; weights capped; updates bounded.
 
 Unit tests on crafted replies, plus two in-process runs (``server.local_grid.LocalGrid``, real ClientApp
-wrapped by ``hostile_clients``) showing that malformed metrics or partition claims never abort a run.
+wrapped by ``tests.hostile_clients``) showing that malformed metrics or partition claims never abort a run.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedMedian, MultiKrum
-from hostile_clients import ModelAttack, drop_metric, hostile_app, set_metric
 
 import models
 from pipeline.config import ConfigError, config_from_dict
@@ -37,6 +36,7 @@ from server.validation import (
     expected_layout,
     partition_of,
 )
+from tests.hostile_clients import ModelAttack, drop_metric, hostile_app, set_metric
 
 GOOD_METRICS = {"num-examples": 10, "train-loss": 1.5, "train-accuracy": 0.25, "partition-id": 0}
 
@@ -175,6 +175,21 @@ def test_example_weights_are_capped_by_each_rule() -> None:
     assert capped_weights("claimed", claims, "train") == [100, 50, 1_000_000, 80]
     with pytest.raises(ValueError, match="needs the server-side partition sizes"):
         capped_weights("partition", claims, "train")
+
+
+def test_a_server_without_the_training_split_caps_at_the_median_claim(tmp_path: Path) -> None:
+    from pipeline.data import DataError
+    from server.strategies import _Accepted
+
+    strategy = build_strategy(config_from_dict(tiny(tmp_path)))
+
+    def no_data(split: str, pid: int) -> int:
+        raise DataError("no training split here")
+
+    strategy._size_of = no_data
+    accepted = [_Accepted(1000 + i, i, None, {"num-examples": n}) for i, n in enumerate([10, 30, 20, 10**6, 25])]
+    assert strategy._cap_weights(accepted, "train") == 2  # 30 and 10**6 lowered to the median claim, 25
+    assert [a.metrics["num-examples"] for a in accepted] == [10, 25, 20, 25, 25] and strategy.weight_rule == "median"
 
 
 # ------------------------------------------------------------------------------------ update screen

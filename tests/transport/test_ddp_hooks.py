@@ -70,8 +70,27 @@ def test_parse_comm_accepts_the_four_kinds_and_names_the_field_on_errors() -> No
     assert parse_comm("none") == ("none", None)
     assert parse_comm("powersgd(4)") == ("powersgd", 4)
     for bad in ("fp8", "powersgd(0)", "powersgd", "PowerSGD(2)"):
-        with pytest.raises(ValueError, match="engine.comm"):
+        with pytest.raises(ValueError, match="transport.comm"):
             parse_comm(bad)
+
+
+def test_parse_comm_accepts_codec_chains() -> None:
+    assert parse_comm("topk(frac=0.01)+qsgd(bits=8,block=256)") == ("codec", None)
+    assert parse_comm("sign") == ("codec", None)
+    with pytest.raises(ValueError, match="transport.comm: qsgd: bits"):
+        parse_comm("qsgd(bits=9)")
+
+
+def test_codec_hook_state_round_trips_for_resume() -> None:
+    from pipeline.transport.error_feedback import ErrorFeedback
+
+    stats = CommStats("sign", steps=7, error_feedback=ErrorFeedback())
+    stats.error_feedback.record("fc.weight", torch.ones(3), torch.zeros(3), round=6)
+    back = CommStats("sign", error_feedback=ErrorFeedback())
+    back.load_state_dict(stats.state_dict())
+    assert back.steps == 7 and torch.equal(back.error_feedback.residuals["fc.weight"], torch.ones(3))
+    with pytest.raises(ValueError, match="error feedback is off"):
+        CommStats("sign").load_state_dict(stats.state_dict())
 
 
 def test_register_needs_ddp() -> None:

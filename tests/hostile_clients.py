@@ -1,4 +1,5 @@
-"""Hostile Flower clients for tests and the robustness benchmark, planted without the production config.
+"""Hostile Flower clients for tests and the robustness benchmark, planted without the production config
+(``tests/fault_injection.py`` holds the crash / NaN / wrong-shape faults; this module the adversarial ones).
 
 :func:`hostile_app` wraps the real ClientApp (``clients.app.app``): it calls it, then lets a tamper function
 rewrite the reply of chosen partition ids. :func:`model_attack` builds the attacks of the robustness table

@@ -1,0 +1,77 @@
+"""Codec cost: upload bytes and CPU encode + decode time of one model update under several codec chains.
+
+The update is a random normal tensor per trainable tensor of the model (what travels does not depend on
+the values for the fixed-size codecs; top-k index bytes depend on the support, which is random here, the
+worst case for gap coding). Biases, BN and the classifier follow the ``transport.exclude`` rule given, BN
+running statistics travel cast in ``--dtype``. Times are medians over ``--repeats``; print the load beside them.
+
+    python benchmarks/codec_cost.py                                  # smallnet7 and resnet20
+    python benchmarks/codec_cost.py --models resnet56 --repeats 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models  # noqa: E402
+from pipeline.config import TransportConfig  # noqa: E402
+from pipeline.transport.codecs import CodecContext  # noqa: E402
+from pipeline.transport.error_feedback import ErrorFeedback  # noqa: E402
+from pipeline.transport.update import decode_encoded, encode_update  # noqa: E402
+
+CHAINS = ["none", "bf16", "qsgd(bits=8,block=256)", "qsgd(bits=4,block=256)", "sign", "topk(frac=0.01)",
+          "topk(frac=0.01)+qsgd(bits=8,block=256)"]
+
+
+def measure(model_name: str, chain: str, args: argparse.Namespace) -> dict:
+    state = models.trainable_state(models.build(model_name, num_classes=10))
+    gen = torch.Generator().manual_seed(0)
+    update = {k: torch.randn(v.shape, generator=gen) * 1e-2 for k, v in state.items()}
+    t = TransportConfig(codec=chain, error_feedback=chain != "none", exclude=args.exclude, dtype=args.dtype)
+    ef = ErrorFeedback() if t.error_feedback else None
+    times, enc = [], None
+    for r in range(1, args.repeats + 1):
+        start = time.perf_counter()
+        enc = encode_update(update, t, CodecContext(seed=0, round=r, partition=0), error_feedback=ef)
+        decode_encoded(enc, t, round=r)
+        times.append(time.perf_counter() - start)
+    assert enc is not None
+    dense = 4 * sum(v.numel() for v in update.values())
+    return {"model": model_name, "codec": chain, "bytes": enc.nbytes, "groups": enc.nbytes_by_group(),
+            "factor_vs_fp32": round(dense / enc.nbytes, 1),
+            "encode_decode_ms": round(1e3 * statistics.median(times), 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["smallnet7", "resnet20"])
+    p.add_argument("--chains", nargs="+", default=CHAINS)
+    p.add_argument("--exclude", nargs="*", default=["*.bias"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [measure(m, c, args) for m in args.models for c in args.chains]
+    load = os.getloadavg()[0]
+    print(f"| model | codec | bytes | x fewer than fp32 | encode+decode ms |  (load {load:.2f})")
+    print("|---|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | `{r['codec']}` | {r['bytes']:,} | {r['factor_vs_fp32']} | {r['encode_decode_ms']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "load": load, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

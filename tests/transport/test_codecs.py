@@ -1,0 +1,188 @@
+"""Codec contracts (``pipeline.transport.codecs``): what ``decode(encode(x))`` is, exact bytes, seeding, parsing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.transport.codecs import QSGD, Cast, Chain, CodecContext, Sign, TopK, parse_chain, parse_codec
+
+CTX = CodecContext(seed=7, round=3, partition=1, name="conv.weight")
+
+
+def _x(n: int = 4000, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed)) * torch.linspace(0.01, 2.0, n)
+
+
+# ------------------------------------------------------------------------------------------------- cast
+@pytest.mark.parametrize(("dtype", "rel"), [("bf16", 2**-8), ("fp16", 2**-11)])
+def test_cast_is_round_to_nearest_in_half_precision(dtype: str, rel: float) -> None:
+    x = _x().view(40, 100)
+    enc = Cast(dtype).encode(x)
+    out = Cast(dtype).decode(enc)
+    torch.testing.assert_close(out, x.to(enc.parts["values"].dtype).float(), rtol=0, atol=0)
+    assert out.shape == x.shape and enc.nbytes == 2 * x.numel()
+    assert bool(((out - x).abs() <= rel * x.abs() + 1e-7).all())
+
+
+def test_fp16_saturates_instead_of_overflowing() -> None:
+    out = parse_codec("fp16").decode(parse_codec("fp16").encode(torch.tensor([1e6, -1e6, 3.0])))
+    assert out.tolist() == [65504.0, -65504.0, 3.0]
+
+
+# ------------------------------------------------------------------------------------------------- qsgd
+@pytest.mark.parametrize(("bits", "block"), [(2, None), (4, 200), (8, 100)])
+def test_qsgd_is_unbiased_within_its_variance(bits: int, block: int | None) -> None:
+    """Mean over M seeded encodings converges to x: a z-score from the exact per-element variance."""
+    x = _x(600, seed=bits)
+    codec = QSGD(bits=bits, block=block)
+    trials = 400
+    acc = torch.zeros_like(x, dtype=torch.float64)
+    for t in range(trials):
+        acc += codec.decode(codec.encode(x, CodecContext(seed=1, round=t))).double()
+    mean = acc / trials
+    levels = 2 ** (bits - 1) - 1
+    blocks = x.view(-1, block) if block else x.view(1, -1)
+    step = (blocks.abs().amax(1, keepdim=True) / levels).expand_as(blocks).reshape(-1).double()
+    frac = (x.double() / step) - torch.floor(x.double() / step)
+    var = step**2 * frac * (1 - frac) / trials  # variance of the mean of each element
+    z_total = float((mean - x.double()).sum() / var.sum().sqrt())
+    assert abs(z_total) < 4.5
+    assert float(((mean - x.double()).abs() / (var.sqrt() + 1e-6 * step)).max()) < 6.0
+    # the test would catch a biased rounding: floor() is off by about step * frac per element
+    floor_bias = float((step * frac).sum() / var.sum().sqrt())
+    assert floor_bias > 50
+
+
+def test_qsgd_error_is_below_one_step_and_bytes_are_exact() -> None:
+    x = _x(1000)
+    codec = parse_codec("qsgd(bits=3, block=256)")
+    enc = codec.encode(x, CTX)
+    out = codec.decode(enc)
+    scales = x.view(-1)[: 768].view(3, 256).abs().amax(1).tolist() + [x[768:].abs().max().item()]
+    step = torch.tensor(scales).repeat_interleave(torch.tensor([256, 256, 256, 232])) / 3
+    assert bool(((out - x).abs() <= step * (1 + 1e-5)).all())
+    assert enc.parts["levels"].numel() == math.ceil(1000 * 3 / 8) and enc.parts["scales"].numel() == 4
+    assert enc.nbytes == 375 + 4 * 4
+    zero = codec.decode(codec.encode(torch.zeros(10), CTX))
+    assert torch.equal(zero, torch.zeros(10))
+
+
+def test_stochastic_rounding_is_seeded_by_the_context() -> None:
+    x = _x(500)
+    codec = parse_chain("topk(frac=0.5)+qsgd(bits=2)")
+    a, b = codec.encode(x, CTX), codec.encode(x, CTX)
+    assert all(torch.equal(a.parts[k], b.parts[k]) for k in a.parts)
+    for other in (CodecContext(8, 3, 1, "conv.weight"), CodecContext(7, 4, 1, "conv.weight"),
+                  CodecContext(7, 3, 2, "conv.weight"), CodecContext(7, 3, 1, "fc.weight")):
+        assert not torch.equal(codec.encode(x, other).parts["levels"], a.parts["levels"])
+
+
+# ------------------------------------------------------------------------------------------------- topk
+def test_topk_keeps_exactly_the_largest_magnitudes() -> None:
+    x = _x(5000).view(50, 100)
+    for codec, k in ((TopK(frac=0.01), 50), (TopK(k=7), 7), (TopK(frac=1e-9), 1), (TopK(k=10**6), 5000)):
+        enc = codec.encode(x)
+        out = codec.decode(enc)
+        kept = out != 0
+        assert int(kept.sum()) == k
+        assert torch.equal(out[kept], x[kept])
+        assert float(torch.cat([x[~kept].abs(), torch.zeros(1)]).max()) <= float(x[kept].abs().min())
+        assert enc.nbytes == 4 * k + enc.parts["indices"].numel()
+
+
+def test_topk_of_one_percent_sends_about_five_bytes_per_kept_value() -> None:
+    x = _x(100_000)
+    enc = TopK(frac=0.01).encode(x)
+    assert enc.parts["values"].numel() == 1000
+    assert enc.parts["indices"].numel() <= 2 * 1000 + 2  # gaps of ~100 need one or two bytes
+    assert enc.nbytes < 0.02 * 4 * x.numel()
+
+
+# ------------------------------------------------------------------------------------------------- sign
+def test_sign_sends_one_bit_per_element_and_the_mean_magnitude() -> None:
+    x = torch.tensor([0.5, -2.0, 0.0, 1.5, -0.25])
+    enc = Sign().encode(x)
+    out = Sign().decode(enc)
+    scale = x.abs().mean()
+    torch.testing.assert_close(out, scale * torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0]))
+    assert enc.nbytes == 1 + 4
+    assert math.isclose(float(out.abs().sum()), float(x.abs().sum()), rel_tol=1e-6)  # l1 norm kept
+
+
+# ------------------------------------------------------------------------------------------------ chains
+def test_chain_applies_later_codecs_to_the_kept_values() -> None:
+    x = _x(20_000).view(200, 100)
+    chain = parse_chain(["topk(frac=0.01)", "qsgd(bits=8", "block=256)"])  # a YAML flow list split at ", "
+    assert chain.descriptor() == "topk(frac=0.01)+qsgd(bits=8,block=256)"
+    enc = chain.encode(x, CTX)
+    assert list(enc.parts) == ["indices", "levels", "scales"]
+    topk = TopK(frac=0.01).decode(TopK(frac=0.01).encode(x))
+    out = chain.decode(enc)
+    support = topk != 0
+    assert torch.equal(out != 0, support) or int((out[support] == 0).sum()) < 3  # a value may round to 0
+    assert int((out[~support] != 0).sum()) == 0
+    step = topk.abs().max() / 127
+    assert float((out - topk).abs().max()) <= float(step) * (1 + 1e-5)
+    assert enc.nbytes == enc.parts["indices"].numel() + 200 + 4 * 1  # 200 kept values at 8 bits, one block
+
+
+@pytest.mark.parametrize("spec", ["bf16", "fp16", "cast(dtype=fp16)", "qsgd(bits=4)", "qsgd(bits=6, block=64)",
+                                  "topk(frac=0.05)", "topk(k=3)", "sign", "none", "[topk(frac=0.1), sign]",
+                                  "topk(frac=0.01) + qsgd(bits=8, block=256)", "topk(k=9)+bf16"])
+def test_descriptors_parse_back_to_the_same_chain_and_bytes_round_trip(spec: str) -> None:
+    chain = parse_chain(spec)
+    assert parse_chain(chain.descriptor()) == chain
+    x = _x(3000).view(30, 100)
+    enc = chain.encode(x, CTX)
+    assert enc.codec == chain.descriptor()
+    back = chain.from_bytes(chain.to_bytes(enc), enc.shape)
+    assert torch.equal(chain.decode(back), chain.decode(enc))
+    counts = chain.part_numels(x.numel())
+    assert all(n is None or enc.parts[k].numel() == n for k, n in counts.items()) and list(counts) == list(enc.parts)
+
+
+@pytest.mark.parametrize(("spec", "needle"), [
+    ("zip", "unknown codec 'zip'"),
+    ("qsgd(bitz=4)", "unknown parameter 'bitz'"),
+    ("qsgd(bits=1)", "bits must be an integer in 2..8"),
+    ("qsgd(bits=4.5)", "bits must be an integer"),
+    ("qsgd(bits=4, block=0)", "block must be a positive"),
+    ("topk(frac=0)", "frac must be in"),
+    ("topk(frac=0.1, k=3)", "exactly one of frac or k"),
+    ("topk()", "exactly one of frac or k"),
+    ("topk(frac=abc)", "must be a number"),
+    ("cast(dtype=fp8)", "bf16 or fp16"),
+    ("sign(scale=1)", "unknown parameter 'scale'"),
+    ("qsgd(bits=4)+topk(k=3)", "leaves no values"),
+    ("topk(k=3)+topk(k=2)", "both send 'indices'"),
+    ("topk(k=3", "unbalanced"),
+])
+def test_bad_chains_are_one_line_value_errors(spec: str, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(")) as err:
+        parse_chain(spec)
+    assert "\n" not in str(err.value)
+
+
+def test_decoding_refuses_a_payload_of_another_chain() -> None:
+    enc = parse_chain("qsgd(bits=4)").encode(_x(100), CTX)
+    with pytest.raises(ValueError, match="expected 'qsgd\\(bits=8\\)'"):
+        parse_chain("qsgd(bits=8)").decode(enc)
+    with pytest.raises(TypeError, match="float"):
+        Chain([QSGD(4)]).encode(torch.arange(4))
+
+
+def test_collective_payloads_refuse_wrong_lengths() -> None:
+    chain = parse_chain("topk(frac=0.1)+qsgd(bits=4,block=32)")
+    enc = chain.encode(_x(640), CTX)
+    data = chain.to_bytes(enc)
+    assert data.numel() == enc.nbytes + 4  # the index stream's length prefix
+    for bad in (data[:-1], torch.cat([data, data[:3]]), data[:2], torch.zeros(0, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match="payload"):
+            chain.from_bytes(bad, enc.shape)
+    huge = data.clone()
+    huge[:4] = torch.tensor([255, 255, 255, 127], dtype=torch.uint8)  # an index stream longer than the payload
+    with pytest.raises(ValueError, match="ends inside part 'indices'"):
+        chain.from_bytes(huge, enc.shape)
