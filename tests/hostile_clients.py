@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from clients.app import app as honest_app
 from pipeline.transport.wire import decode_record, encode_state
 
-#: (reply content's RecordDict, the global state the node received) -> None; edits the reply in place
+#: (the reply Message, the global state the node received) -> None; edits the reply in place
 Tamper = Callable[[Message, dict[str, torch.Tensor]], None]
 _TRANSPORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
