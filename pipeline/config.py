@@ -198,6 +198,28 @@ class RayEngine(Strict):
 Engine = Annotated[LocalEngine | FlowerEngine | RayEngine, Field(discriminator="kind")]
 
 
+# ------------------------------------------------------------------------------------------- tracking
+class MlflowTracking(Strict):
+    """MLflow: no ``uri`` = an embedded SQLite store ``<output>/mlflow.db`` (artifacts in ``<output>/mlartifacts``)."""
+
+    enabled: bool = Field(True, description="log this run to MLflow (set COMPACTFL_TRACKING=off to disable all)")
+    uri: str | None = Field(None, description="tracking server, e.g. http://host:5000 (None = embedded store)")
+    experiment: str = Field("compactfl", min_length=1, description="MLflow experiment name")
+
+
+class TensorboardTracking(Strict):
+    """TensorBoard event files (the same scalars) under ``<run dir>/tensorboard``."""
+
+    enabled: bool = False
+
+
+class TrackingConfig(Strict):
+    """Experiment trackers fed by the process that owns the run dir; never part of a resume fingerprint."""
+
+    mlflow: MlflowTracking = MlflowTracking()
+    tensorboard: TensorboardTracking = TensorboardTracking()
+
+
 # ------------------------------------------------------------------------------------------------ run
 class RunConfig(Strict):
     seed: int = 0
@@ -212,6 +234,7 @@ class RunConfig(Strict):
     train: TrainConfig = TrainConfig()
     output: Path = Path("runs")
     resume: bool = False
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _distill_needs_teacher(self) -> RunConfig:

@@ -26,8 +26,8 @@ from pipeline.config import RunConfig
 FORMAT = "compactfl-flower-checkpoint/1"
 KEEP = 2
 _NAME = re.compile(r"round-(\d{4,})\.safetensors$")
-#: config sections that must not change between a run and its resume (rounds/resume/output/name may).
-_FINGERPRINT_IGNORES = {"resume", "output", "name"}
+#: config sections that must not change between a run and its resume (rounds/resume/output/name/tracking may).
+_FINGERPRINT_IGNORES = {"resume", "output", "name", "tracking"}
 
 
 @dataclass

@@ -19,6 +19,7 @@ from torch import nn
 import models
 from pipeline.config import RunConfig
 from pipeline.modeling import build_training_model
+from pipeline.tracking import track_history
 from pipeline.train import evaluate, resolve_device, seed_everything
 from pipeline.transport.wire import CONFIG_KEY, config_to_json, decode_record, to_numpy_record
 from server.checkpoint import ServerCheckpoint, capture_rng, latest_checkpoint, restore_rng, save_checkpoint
@@ -110,6 +111,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                  record["replies_failed"], record["replies_dropped"])
         save_checkpoint(ckpt_dir, ServerCheckpoint(rnd, global_state, strategy.state_arrays(), history,
                                                    capture_rng()), cfg)
+        track_history(cfg, run_dir, history)
 
     final = to_numpy_record(state)
     if first_round <= cfg.engine.rounds:
