@@ -93,6 +93,7 @@ class MlflowBackend(Backend):
             self.run_id = prev["run_id"]
             logged = dict(self.client.get_run(self.run_id).data.params)
             self.client.update_run(self.run_id, status="RUNNING")
+            self.continues = True
         else:
             self.run_id = self.client.create_run(experiment_id, run_name=self.run_name).info.run_id
         if tags.get("git_commit"):

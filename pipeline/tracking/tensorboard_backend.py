@@ -26,6 +26,7 @@ class TensorboardBackend(Backend):
             for old in log_dir.glob("events.out.tfevents.*"):
                 old.unlink()
         self.fresh = fresh
+        self.continues = not fresh
         self.writer = SummaryWriter(log_dir=str(log_dir))
 
     def start(self, params: dict[str, str], tags: dict[str, str]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 A :class:`Backend` (MLflow, TensorBoard) receives params/tags once, metrics per step, artifacts at the end.
 A :class:`RunTracker` feeds every enabled backend of one run dir and keeps ``<run dir>/tracking.json``
-(last logged step, the MLflow run id), so a resumed run continues the same MLflow run without logging a
+(each backend's last logged step, the MLflow run id), so a resumed run continues the same MLflow run without logging a
 step twice. A backend that raises (server down, bad URI, missing package) is switched off for that run with
 ONE warning line: training and the run dir never depend on a tracker.
 
@@ -35,9 +35,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class Backend:
-    """One tracking destination. ``start`` returns what to remember in tracking.json for a resume."""
+    """One tracking destination. ``start`` returns what to remember in tracking.json for a resume and sets
+    ``continues`` when it picked up the run that tracking.json named (so it already has the earlier steps)."""
 
     name = "backend"
+    continues = False
 
     def start(self, params: dict[str, str], tags: dict[str, str]) -> dict[str, Any]:
         raise NotImplementedError
@@ -120,23 +122,26 @@ def _one_line(exc: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------------- the tracker
 class RunTracker:
-    """Feeds the enabled backends of one run dir; a failing backend is dropped with one warning line."""
+    """Feeds the enabled backends of one run dir; a failing backend is dropped with one warning line.
 
-    def __init__(self, run_dir: Path, backends: list[Backend], state: dict[str, Any]) -> None:
+    ``logged`` holds each backend's last logged step: a backend that continues its earlier run (resume) skips
+    the steps it already has; one that starts afresh (new MLflow server, TensorBoard just enabled) gets them all.
+    """
+
+    def __init__(self, run_dir: Path, backends: list[Backend], saved: dict[str, Any]) -> None:
         self.run_dir = Path(run_dir)
         self.backends = backends
-        self.state = state
-        self.last_step = int(state.get("last_step", 0))
+        self.saved = saved
+        self.state: dict[str, Any] = {}
+        self.logged: dict[str, int] = {}
+        self.state_unwritable = False
 
-    def _each(self, method: str, *args: Any) -> None:
-        for backend in list(self.backends):
-            try:
-                result = getattr(backend, method)(*args)
-            except Exception as exc:  # a tracker must never lose a training run
-                self.drop(backend, exc)
-                continue
-            if method == "start" and result:
-                self.state[backend.name] = result
+    def _call(self, backend: Backend, method: str, *args: Any) -> Any:
+        try:
+            return getattr(backend, method)(*args)
+        except Exception as exc:  # a tracker must never lose a training run
+            self.drop(backend, exc)
+            return None
 
     def drop(self, backend: Backend | str, exc: BaseException) -> None:
         name = backend if isinstance(backend, str) else backend.name
@@ -144,34 +149,46 @@ class RunTracker:
         self.backends = [b for b in self.backends if b is not backend]
 
     def save_state(self) -> None:
-        if self.backends or self.state.get("mlflow"):
-            self.state["last_step"] = self.last_step
-            (self.run_dir / STATE_FILE).write_text(json.dumps(self.state, indent=2))
+        if not self.state:
+            return
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / STATE_FILE).write_text(json.dumps({**self.state, "logged": self.logged}, indent=2))
+        except OSError as exc:  # resume would start a new tracked run; the training itself is unaffected
+            if not self.state_unwritable:
+                log.warning("tracking: cannot write %s (%s)", self.run_dir / STATE_FILE, _one_line(exc))
+            self.state_unwritable = True
 
     def start(self, params: dict[str, str], tags: dict[str, str]) -> None:
-        self._each("start", params, tags)
+        before = self.saved.get("logged", {})
+        for backend in list(self.backends):
+            record = self._call(backend, "start", params, tags)
+            if backend in self.backends:
+                self.state[backend.name] = record or {}
+                self.logged[backend.name] = int(before.get(backend.name, 0)) if backend.continues else 0
         self.save_state()
 
     def log_history(self, history: list[dict[str, Any]]) -> None:
-        """Log every record whose step is past the last logged one."""
+        """Log to each backend the records past the last step it holds."""
         if not self.backends:
             return
         for i, record in enumerate(history):
             step = step_of(record, i)
-            if step <= self.last_step:
-                continue
-            self._each("log_metrics", step_metrics(history, i), step)
-            self.last_step = step
+            todo = [b for b in self.backends if step > self.logged[b.name]]
+            metrics = step_metrics(history, i) if todo else {}
+            for backend in todo:
+                self._call(backend, "log_metrics", metrics, step)
+                self.logged[backend.name] = step
         self.save_state()
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Final summary metrics (``summary/<key>``), the run dir's artifacts, and the run's end."""
-        if not self.backends:
-            return
-        self._each("log_metrics", {f"summary/{k}": v for k, v in numeric(summary).items()}, self.last_step)
         paths = [self.run_dir / n for n in ARTIFACT_FILES] + sorted(self.run_dir.glob("*.png"))
-        self._each("log_artifacts", [p for p in paths if p.is_file()])
-        self._each("finish", "FINISHED")
+        final = {f"summary/{k}": v for k, v in numeric(summary).items()}
+        for backend in list(self.backends):
+            self._call(backend, "log_metrics", final, self.logged[backend.name])
+            self._call(backend, "log_artifacts", [p for p in paths if p.is_file()])
+            self._call(backend, "finish", "FINISHED")
         self.save_state()
 
 
@@ -187,7 +204,7 @@ def open_tracker(cfg: RunConfig, run_dir: Path) -> RunTracker:
     """Open the backends ``cfg.tracking`` enables for ``run_dir`` (resume: the MLflow run of tracking.json)."""
     run_dir = Path(run_dir)
     state = _load_state(run_dir) if cfg.resume else {}
-    tracker = RunTracker(run_dir, [], {"last_step": state.get("last_step", 0)} if state else {})
+    tracker = RunTracker(run_dir, [], state)
     if tracking_disabled():
         return tracker
     settings = cfg.tracking
@@ -203,7 +220,7 @@ def open_tracker(cfg: RunConfig, run_dir: Path) -> RunTracker:
         try:
             from pipeline.tracking.tensorboard_backend import TensorboardBackend
 
-            tracker.backends.append(TensorboardBackend(run_dir, fresh=not state))
+            tracker.backends.append(TensorboardBackend(run_dir, fresh="tensorboard" not in state.get("logged", {})))
         except Exception as exc:
             tracker.drop("tensorboard", exc)
     if tracker.backends:

@@ -46,6 +46,12 @@ def _tracking_on(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")  # retrying for minutes
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One output folder (so one embedded store: creating its schema costs seconds) for the runs below."""
+    return tmp_path_factory.mktemp("tracked") / "runs"
+
+
 def tiny(out: Path, name: str, epochs: int = 2, **tracking: Any) -> dict[str, Any]:
     """A seconds-long SmallNet-3 local run on a slice of the embedded subset."""
     return {"name": name, "seed": 1, "device": "cpu", "output": str(out),
@@ -84,20 +90,21 @@ def assert_history_logged(client: MlflowClient, run_id: str, history: list[dict[
 
 
 # ---------------------------------------------------------------------------------------------- local
-def test_local_run_logs_params_metrics_artifacts_tensorboard_and_resume_continues(tmp_path: Path) -> None:
+def test_local_run_logs_params_metrics_artifacts_tensorboard_and_resume_continues(tmp_path: Path,
+                                                                                   store: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from pipeline.export import export_onnx
 
-    raw = tiny(tmp_path / "runs", "local", epochs=1, tensorboard={"enabled": True})
+    raw = tiny(store, "local", epochs=1, tensorboard={"enabled": True})
     run_dir = run_cli(tmp_path, raw)
     first_id = mlflow_run_of(run_dir)[1].info.run_id
     run_cli(tmp_path, raw, "train.epochs=2", "resume=true")  # continues the same MLflow run at epoch 2
-    assert (tmp_path / "runs" / "mlflow.db").is_file() and (tmp_path / "runs" / "mlartifacts").is_dir()
+    assert (store / "mlflow.db").is_file() and (store / "mlartifacts").is_dir()
     client, run = mlflow_run_of(run_dir)
     assert run.info.run_id == first_id and run.info.status == "FINISHED" and run.info.run_name == "local"
     assert client.get_experiment(run.info.experiment_id).name == "compactfl"
-    assert len(client.search_runs([run.info.experiment_id])) == 1
+    assert len(client.search_runs([run.info.experiment_id], "attributes.run_name = 'local'")) == 1
     params = run.data.params
     assert params["model.name"] == "smallnet3" and params["train.batch_size"] == "32"
     assert params["engine.kind"] == "local" and params["data.root"] == "null"
@@ -125,12 +132,12 @@ def test_local_run_logs_params_metrics_artifacts_tensorboard_and_resume_continue
 
 
 # --------------------------------------------------------------------------------------------- flower
-def test_flower_server_logs_every_round_with_bytes_and_replies(tmp_path: Path) -> None:
+def test_flower_server_logs_every_round_with_bytes_and_replies(store: Path) -> None:
     from clients.app import app as client_app
     from server.local_grid import LocalGrid
     from server.runner import run_server
 
-    raw = {**tiny(tmp_path, "fl"), "seed": 3, "model": {"name": "smallnet3"},
+    raw = {**tiny(store, "fl"), "seed": 3, "model": {"name": "smallnet3"},
            "data": {"train_limit": 96, "test_limit": 64, "augment": False, "partition": {"kind": "iid"}},
            "engine": {"kind": "flower", "rounds": 2, "clients": 2, "transport_dtype": "bf16"}}
     cfg = config_from_dict(raw)
@@ -170,6 +177,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
     pytest.fail(f"mlflow server at {url} not healthy after {timeout:.0f}s")
 
 
+@pytest.mark.slow  # a second process
 def test_a_real_mlflow_server_receives_the_run(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -179,7 +187,7 @@ def test_a_real_mlflow_server_receives_the_run(tmp_path: Path) -> None:
          "--artifacts-destination", str(tmp_path / "server-artifacts")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_healthy(url, proc, timeout=120)
+        wait_healthy(url, proc, timeout=180)
         raw = tiny(tmp_path / "runs", "served", mlflow={"uri": url, "experiment": "served-exp"})
         run_dir = run_cli(tmp_path, raw)
         client, run = mlflow_run_of(run_dir)
@@ -191,12 +199,20 @@ def test_a_real_mlflow_server_receives_the_run(tmp_path: Path) -> None:
         assert {"model.safetensors", "model.json", "report.md"} <= artifacts(client, run.info.run_id)
         assert (tmp_path / "server-artifacts").is_dir()  # uploaded through the server, stored on its side
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker, by our child's process group
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL, to the process group of our child (the server and its uvicorn workers)."""
+    for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
         try:
-            proc.wait(timeout=20)
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            continue
 
 
 # ---------------------------------------------------------------------------------- failures are safe
@@ -221,6 +237,7 @@ class _NotMlflow:
         self.sock.close()
 
 
+@pytest.mark.slow  # a second process
 def test_an_unreachable_tracking_uri_leaves_the_run_complete_with_one_warning(tmp_path: Path) -> None:
     """A whole ``compactfl run`` in a subprocess, so stderr is exactly what a user sees."""
     raw = tiny(tmp_path / "runs", "lost", mlflow={"uri": f"http://127.0.0.1:{free_port()}"})
@@ -292,6 +309,26 @@ def test_a_missing_mlflow_package_warns_once_and_tensorboard_still_works(tmp_pat
     assert list((cfg.run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_resume_skips_logged_steps_and_a_newly_enabled_backend_gets_them_all(store: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    history = [{"epoch": e, "train_loss": 2.0 / e, "bytes_up": 10} for e in (1, 2, 3)]
+    first = open_tracker(config_from_dict(tiny(store, "r")), store / "r")
+    first.log_history(history[:2])  # then the process dies: no finish
+    resumed_cfg = config_from_dict({**tiny(store, "r", tensorboard={"enabled": True}), "resume": True})
+    resumed = open_tracker(resumed_cfg, store / "r")
+    resumed.log_history(history)
+    resumed.finish({"test_accuracy": 0.5})
+    client, run = mlflow_run_of(store / "r")
+    assert run.info.run_id == first.state["mlflow"]["run_id"] and run.info.status == "FINISHED"
+    assert series(client, run.info.run_id, "train_loss") == [(1, 2.0), (2, 1.0), (3, pytest.approx(2 / 3))]
+    assert series(client, run.info.run_id, "bytes_up_cumulative") == [(1, 10), (2, 20), (3, 30)]
+    events = EventAccumulator(str(store / "r" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train_loss")] == [1, 2, 3]
+    assert json.loads((store / "r" / STATE_FILE).read_text())["logged"] == {"mlflow": 3, "tensorboard": 3}
+
+
 # ------------------------------------------------------------------------------ config and wiring
 def test_tracking_settings_parse_and_stay_out_of_resume_fingerprints(monkeypatch: pytest.MonkeyPatch,
                                                                      tmp_path: Path) -> None:
@@ -313,7 +350,8 @@ def test_tracking_settings_parse_and_stay_out_of_resume_fingerprints(monkeypatch
     assert open_tracker(plain, tmp_path).backends == [] and not (tmp_path / "mlflow.db").exists()
 
 
-def test_nightly_logs_every_suite_run_under_one_experiment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nightly_logs_every_suite_run_under_one_experiment(tmp_path: Path, store: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Nightly's wiring, with the training replaced by a two-epoch history (the store is real)."""
     import pipeline.engines
     from pipeline.nightly import NIGHTLY_EXPERIMENT, run_suite_entry
@@ -329,8 +367,8 @@ def test_nightly_logs_every_suite_run_under_one_experiment(tmp_path: Path, monke
     suite.mkdir()
     for name in ("a", "b"):
         (suite / f"{name}.yaml").write_text(yaml.safe_dump({"model": {"name": "smallnet3"}}))
-        assert "error" not in run_suite_entry(suite / f"{name}.yaml", tmp_path / "night", [])
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'night' / 'runs' / 'mlflow.db'}")
+        assert "error" not in run_suite_entry(suite / f"{name}.yaml", store.parent, [])  # runs go to store
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
     exp = client.get_experiment_by_name(NIGHTLY_EXPERIMENT)
     runs = client.search_runs([exp.experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["a", "b"]
