@@ -263,7 +263,8 @@ def tiny_launch_config(path: Path, name: str) -> Path:
     import yaml
 
     raw = {**TINY, "name": name, "seed": 0, "model": {"name": "smallnet7"},
-           "engine": {"kind": "ray", "workers": 2, "max_failures": 0}}
+           "engine": {"kind": "ray", "workers": 2, "max_failures": 0},
+           "tracking": {"mlflow": {"enabled": False}}}  # ray submit's login shell has no COMPACTFL_TRACKING
     path.write_text(yaml.safe_dump(raw))
     return path
 
