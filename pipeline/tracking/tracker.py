@@ -244,16 +244,28 @@ def tracker_for(cfg: RunConfig, run_dir: Path) -> RunTracker:
     return _OPEN[key]
 
 
+def _guarded(run_dir: Path, work) -> None:
+    """Run ``work()``; anything unexpected switches tracking off for the run with one warning, never raises."""
+    try:
+        work()
+    except Exception as exc:
+        log.warning("tracking: disabled for this run (%s); training continues", _one_line(exc))
+        _OPEN[_key(run_dir)] = RunTracker(run_dir, [], {})
+
+
 def track_history(cfg: RunConfig, run_dir: Path, history: list[dict[str, Any]]) -> None:
     """Log the per-epoch / per-round records of ``history`` not logged yet."""
-    tracker_for(cfg, run_dir).log_history(history)
+    _guarded(run_dir, lambda: tracker_for(cfg, run_dir).log_history(history))
 
 
 def track_finish(cfg: RunConfig, run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     """Log what is left of ``history``, the summary and the artifacts, and end the tracked run."""
-    tracker = tracker_for(cfg, run_dir)
-    tracker.log_history(history)
-    tracker.finish(summary)
+    def finish() -> None:
+        tracker = tracker_for(cfg, run_dir)
+        tracker.log_history(history)
+        tracker.finish(summary)
+
+    _guarded(run_dir, finish)
     _OPEN.pop(_key(run_dir), None)
 
 

@@ -309,6 +309,21 @@ def test_a_missing_mlflow_package_warns_once_and_tensorboard_still_works(tmp_pat
     assert list((cfg.run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_an_unexpected_tracker_error_never_reaches_the_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.tracking.tracker as tracker_module
+
+    def broken(cfg, run_dir):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(tracker_module, "open_tracker", broken)
+    cfg = config_from_dict(tiny(tmp_path, "guarded"))
+    with _Warnings() as seen:
+        for n in (1, 2):
+            tracker_module.track_history(cfg, cfg.run_dir, [{"epoch": e, "train_loss": 1.0} for e in range(1, n + 1)])
+        tracker_module.track_finish(cfg, cfg.run_dir, [], {"test_accuracy": 0.5})
+    assert seen.lines == ["tracking: disabled for this run (RuntimeError: disk on fire); training continues"]
+
+
 def test_resume_skips_logged_steps_and_a_newly_enabled_backend_gets_them_all(store: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
