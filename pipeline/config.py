@@ -6,6 +6,7 @@ raise :class:`ConfigError` with a one-line message naming the key path and what 
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -244,6 +245,27 @@ class TransportConfig(Strict):
 
 _LEGACY_KEYS = {("engine", "transport_dtype"): "transport.dtype", ("engine", "comm"): "transport.comm"}
 
+# ------------------------------------------------------------------------------------------- tracking
+class MlflowTracking(Strict):
+    """MLflow: no ``uri`` = an embedded SQLite store ``<output>/mlflow.db`` (artifacts in ``<output>/mlartifacts``)."""
+
+    enabled: bool = Field(True, description="log this run to MLflow (set COMPACTFL_TRACKING=off to disable all)")
+    uri: str | None = Field(None, description="tracking server, e.g. http://host:5000 (None = embedded store)")
+    experiment: str = Field("compactfl", min_length=1, description="MLflow experiment name")
+
+
+class TensorboardTracking(Strict):
+    """TensorBoard event files (the same scalars) under ``<run dir>/tensorboard``."""
+
+    enabled: bool = False
+
+
+class TrackingConfig(Strict):
+    """Experiment trackers fed by the process that owns the run dir; never part of a resume fingerprint."""
+
+    mlflow: MlflowTracking = MlflowTracking()
+    tensorboard: TensorboardTracking = TensorboardTracking()
+
 
 # ------------------------------------------------------------------------------------------------ run
 class RunConfig(Strict):
@@ -260,6 +282,7 @@ class RunConfig(Strict):
     transport: TransportConfig = TransportConfig()
     output: Path = Path("runs")
     resume: bool = False
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _distill_needs_teacher(self) -> RunConfig:
@@ -357,7 +380,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
     """Validate a raw dict (plus overrides) into a RunConfig, or raise a one-line ConfigError."""
-    raw = apply_overrides(dict(raw or {}), list(overrides or []))
+    raw = apply_overrides(copy.deepcopy(dict(raw or {})), list(overrides or []))
     for (section, key), new in _LEGACY_KEYS.items():
         if isinstance(raw.get(section), dict) and key in raw[section]:
             raise ConfigError(f"config error: {section}.{key}: moved to {new}")
