@@ -23,11 +23,10 @@ from typing import Any
 
 import pytest
 import yaml
-from server.checkpoint import config_fingerprint
 
+from pipeline.checkpoint import check_resume, config_fingerprint
 from pipeline.cli import main
 from pipeline.config import ConfigError, config_from_dict
-from pipeline.engines import run_fingerprint
 from pipeline.stages import RUN_FILES
 from pipeline.tracking import STATE_FILE, open_tracker, track_finish
 
@@ -355,10 +354,10 @@ def test_tracking_settings_parse_and_stay_out_of_resume_fingerprints(monkeypatch
     assert plain.tracking.mlflow.enabled and plain.tracking.mlflow.uri is None
     assert plain.tracking.mlflow.experiment == "compactfl" and not plain.tracking.tensorboard.enabled
     assert other.tracking.mlflow.uri == "http://10.0.0.1:5000" and other.tracking.tensorboard.enabled
-    assert run_fingerprint(plain) == run_fingerprint(other)
+    check_resume(config_fingerprint(plain), other, "ckpt")  # tracking may change on resume: no error
     flower = {**base, "engine": {"kind": "flower"}}
-    assert config_fingerprint(config_from_dict(copy.deepcopy(flower))) == config_fingerprint(
-        config_from_dict(copy.deepcopy(flower), ["tracking.tensorboard.enabled=true", "tracking.mlflow.enabled=false"]))
+    check_resume(config_fingerprint(config_from_dict(copy.deepcopy(flower))), config_from_dict(
+        copy.deepcopy(flower), ["tracking.tensorboard.enabled=true", "tracking.mlflow.enabled=false"]), "ckpt")
     with pytest.raises(ConfigError, match="tracking.mlflow.url: unknown key"):
         config_from_dict(base, ["tracking.mlflow.url=http://x"])
     monkeypatch.setenv("COMPACTFL_TRACKING", "off")
