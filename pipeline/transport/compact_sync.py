@@ -46,6 +46,7 @@ the (larger) dense filters. Nothing to add for CSG.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -94,6 +95,28 @@ class _AverageCompactGrad(torch.autograd.Function):
         return (None, None, parts[0].view_as(gw), *(p.view_as(g) for p, g in zip(parts[1:], gb, strict=True)))
 
 
+class _SyncedComposed:
+    """A layer's ``composed()`` whose ``(W, b)``, when grad flows, are averaged across ranks in backward.
+
+    A deep copy of the layer gets a pass-through wrapper bound to the copy (copies never join collectives).
+    """
+
+    def __init__(self, layer: nn.Module, name: str, sync: CompactGradSync | None) -> None:
+        self.layer, self.name, self.sync = layer, name, sync
+
+    def __call__(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w, b = type(self.layer).composed(self.layer, dtype)
+        if self.sync is None or not (torch.is_grad_enabled() and w.requires_grad):
+            return w, b  # evaluation, deployment contraction: nothing flows back
+        self.sync._pending += 1
+        if b is None:
+            return _AverageCompactGrad.apply(self.sync, self.name, w)[0], None
+        return tuple(_AverageCompactGrad.apply(self.sync, self.name, w, b))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _SyncedComposed:
+        return _SyncedComposed(copy.deepcopy(self.layer, memo), self.name, None)
+
+
 class CompactGradSync:
     """Average the compact ``(dL/dW, dL/db)`` of every fused expanded layer of ``model`` across ranks.
 
@@ -121,18 +144,7 @@ class CompactGradSync:
         self.layers = fused_expanded_layers(model)
         self._pending = 0
         for name, layer in self.layers.items():
-            layer.composed = self._wrap(name, layer.composed)
-
-    def _wrap(self, name: str, composed: Any) -> Any:
-        def synced(dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-            w, b = composed(dtype)
-            if not (torch.is_grad_enabled() and w.requires_grad):
-                return w, b  # evaluation, deployment contraction: nothing flows back
-            self._pending += 1
-            if b is None:
-                return _AverageCompactGrad.apply(self, name, w)[0], None
-            return tuple(_AverageCompactGrad.apply(self, name, w, b))
-        return synced
+            layer.composed = _SyncedComposed(layer, name, self)
 
     def remove(self) -> None:
         """Unwrap the layers' ``composed`` (the model's own method again)."""

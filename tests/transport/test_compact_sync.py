@@ -21,6 +21,7 @@ from torch import nn
 import models
 
 WORLD, STEPS = 2, 4
+pytestmark = pytest.mark.slow
 
 
 def make_model(mode: str = "fused") -> nn.Module:
@@ -51,6 +52,16 @@ def _train(rank: int, model: nn.Module, spec: str, compact: bool) -> dict:
         loss.backward()
         opt.step()
     synced = sync.stats if sync is not None else None
+    if sync is not None:  # a deep copy composes from its own factors and joins no collective
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.mul_(2)
+        twin(torch.randn(2, 3, 8, 8)).sum().backward()
+        assert synced.calls == STEPS * len(sync.layers)
+        assert not torch.equal(twin[0].composed()[0], model[0].composed()[0])
+        sync.remove()
+        assert "composed" not in vars(model[0])
     return {"state": {k: v.tolist() for k, v in model.named_parameters()},  # BN buffers differ per rank
             "ddp_last": stats.last_step_bytes, "ddp_steps": stats.steps,
             "sync_last": synced.last_step_bytes if synced else 0, "sync_steps": synced.steps if synced else 0,
