@@ -29,9 +29,10 @@ import torch.distributed as dist
 from torch import nn
 
 from clients.bn_stats import pool_bn_statistics
+from models.expandnets import expanded_layers
 from models.state import unwrap
 from pipeline.config import RunConfig, config_from_dict
-from pipeline.transport.compact_sync import CompactGradSync, fused_expanded_layers
+from pipeline.transport.compact_sync import CompactGradSync
 from pipeline.transport.ddp_hooks import CommStats, register_comm_hook
 
 CHECKPOINT_DIR = "epoch_{epoch:04d}"
@@ -95,7 +96,7 @@ def install_compact_sync(model: nn.Module, cfg: RunConfig) -> CompactGradSync | 
     """Compact gradient sync for a distributed run of a model with expanded layers under ``expand_sync:
     compact`` (None otherwise): its factors leave DDP's buckets, rank 0's factors are broadcast."""
     tr = cfg.transport
-    if (tr.expand_sync != "compact" or not fused_expanded_layers(model)
+    if (tr.expand_sync != "compact" or not expanded_layers(model)
             or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)):
         return None
     sync = CompactGradSync(model, tr.comm, seed=cfg.seed, error_feedback=tr.error_feedback,

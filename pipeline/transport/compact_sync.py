@@ -53,22 +53,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.expand_layers import is_expanded
+from models.expandnets import expanded_layers
 from pipeline.transport.codecs import CodecContext, parse_chain
 from pipeline.transport.ddp_hooks import CommStats, codec_mean, parse_comm
 from pipeline.transport.error_feedback import ErrorFeedback
 
-EXPAND_SYNC = ("compact", "factors")
-
-
-def fused_expanded_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Qualified name -> ExpandNets layer, for every expanded layer of ``model``."""
-    return {name: m for name, m in model.named_modules() if is_expanded(m)}
-
 
 def compact_sync_problem(model: nn.Module, spec: str) -> str | None:
     """Why ``model`` cannot use compact sync under comm ``spec`` (None if it can; also None with no expansion)."""
-    layers = fused_expanded_layers(model)
+    layers = dict(expanded_layers(model))
     explicit = [n for n, m in layers.items() if m.mode != "fused"]
     if explicit:
         return (f"transport.expand_sync: compact needs fused ExpandNets layers, but {explicit[0]!r} runs in "
@@ -141,7 +134,7 @@ class CompactGradSync:
         self.group = dist.new_group(list(range(dist.get_world_size())))
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.stats = CommStats(spec=spec, error_feedback=ErrorFeedback(residual_decay) if error_feedback else None)
-        self.layers = fused_expanded_layers(model)
+        self.layers = dict(expanded_layers(model))
         self._pending = 0
         for name, layer in self.layers.items():
             layer.composed = _SyncedComposed(layer, name, self)
@@ -194,7 +187,7 @@ class CompactGradSync:
 
 def compact_param_count(model: nn.Module) -> int:
     """Elements a step averages under compact sync: non-factor trainable parameters plus each layer's W and b."""
-    layers = fused_expanded_layers(model)
+    layers = dict(expanded_layers(model))
     factor_ids = {id(p) for m in layers.values() for p in m.parameters()}
     rest = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in factor_ids)
     with torch.no_grad():
