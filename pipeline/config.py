@@ -226,6 +226,9 @@ class TransportConfig(Strict):
     dense_warmup_rounds: int = Field(0, ge=0, description="first N rounds send dense updates")
     downlink: DownlinkConfig = DownlinkConfig()
     comm: str = Field("none", description="ray gradients: none | fp16 | bf16 | powersgd(RANK) | codec chain")
+    expand_sync: Literal["compact", "factors"] = Field(
+        "compact", description="ray, fused ExpandNets: average the compact dL/dW, dL/db (exact, compact net's "
+        "bytes) or the factor gradients (the chain's bytes; needed for explicit mode and powersgd)")
 
     @field_validator("codec", mode="before")
     @classmethod
@@ -297,6 +300,19 @@ class RunConfig(Strict):
             raise ValueError(problem)
         return self
 
+    @model_validator(mode="after")
+    def _expand_sync_fits_model(self) -> RunConfig:
+        c, t = self.compression, self.transport
+        if self.engine.kind != "ray" or c.kind != "expand" or t.expand_sync != "compact":
+            return self
+        if c.mode != "fused":
+            raise ValueError("transport.expand_sync: compact needs compression.mode: fused (explicit mode has no "
+                             "compact W to average); set transport.expand_sync: factors")
+        if t.comm.startswith("powersgd"):
+            raise ValueError(f"transport.expand_sync: compact does not support comm {t.comm!r}; set "
+                             "transport.expand_sync: factors")
+        return self
+
     @property
     def run_dir(self) -> Path:
         return self.output / (self.name or "run")
@@ -312,7 +328,7 @@ def transport_problem(t: TransportConfig, engine: str) -> str | None:
     d = TransportConfig()
     if engine == "flower":
         for key in ("codec", "error_feedback", "residual_decay", "exclude", "dense_warmup_rounds", "downlink",
-                    "comm"):
+                    "comm", "expand_sync"):
             if getattr(t, key) != getattr(d, key):
                 return (f"transport.{key}: not applied by the flower engine yet (it sends the trainable state in "
                         "transport.dtype); the ray engine compresses with transport.comm")
