@@ -79,9 +79,11 @@ def run_tags(cfg: RunConfig) -> dict[str, str]:
     """Tags to filter runs by: engine, model, compression, distillation, transport dtype / comm, git commit."""
     tags = {"engine": cfg.engine.kind, "model": cfg.model.name, "compression": cfg.compression.kind,
             "distill": cfg.distill.kind, "seed": str(cfg.seed)}
-    for key in ("transport_dtype", "comm", "strategy"):
-        if hasattr(cfg.engine, key):
-            tags[key] = str(getattr(cfg.engine, key))
+    if cfg.engine.kind == "flower":
+        tags.update(strategy=str(cfg.engine.strategy), transport_dtype=cfg.transport.dtype,
+                    codec="+".join(cfg.transport.codec) or "none")
+    elif cfg.engine.kind == "ray":
+        tags["comm"] = cfg.transport.comm
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit

@@ -138,7 +138,7 @@ def test_flower_server_logs_every_round_with_bytes_and_replies(store: Path) -> N
 
     raw = {**tiny(store, "fl"), "seed": 3, "model": {"name": "smallnet3"},
            "data": {"train_limit": 96, "test_limit": 64, "augment": False, "partition": {"kind": "iid"}},
-           "engine": {"kind": "flower", "rounds": 2, "clients": 2, "transport_dtype": "bf16"}}
+           "engine": {"kind": "flower", "rounds": 2, "clients": 2}, "transport": {"dtype": "bf16"}}
     cfg = config_from_dict(raw)
     run_server(LocalGrid(client_app, cfg.engine.clients), cfg, cfg.run_dir)
     client, run = mlflow_run_of(cfg.run_dir)
