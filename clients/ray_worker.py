@@ -4,6 +4,9 @@ Every worker builds the same seeded training model (dense, CSG or expanded), loa
 training set (``DistributedSampler`` semantics, seeded, reshuffled per epoch), wraps the model in DDP through
 ``ray.train.torch.prepare_model`` (gloo on CPU, NCCL on GPU) and runs :func:`pipeline.train.fit`. A DDP comm
 hook (:mod:`pipeline.transport.ddp_hooks`) counts, and optionally compresses, the gradient bytes of every step.
+Fused ExpandNets layers under ``transport.expand_sync: compact`` (the default) keep their factors out of DDP and
+average the compact-size ``dL/dW``, ``dL/db`` instead (:mod:`pipeline.transport.compact_sync`: exact, at the
+compact net's bytes); their factors are broadcast from rank 0 at start and at every checkpoint.
 
 After each epoch the ranks pool their BatchNorm running statistics (:mod:`clients.bn_stats`: the statistics
 of the union of the shards, not rank 0's shard), evaluate their shard of the test set, combine metrics with
@@ -26,8 +29,10 @@ import torch.distributed as dist
 from torch import nn
 
 from clients.bn_stats import pool_bn_statistics
+from models.expandnets import expanded_layers
 from models.state import unwrap
 from pipeline.config import RunConfig, config_from_dict
+from pipeline.transport.compact_sync import CompactGradSync
 from pipeline.transport.ddp_hooks import CommStats, register_comm_hook
 
 CHECKPOINT_DIR = "epoch_{epoch:04d}"
@@ -87,6 +92,20 @@ def progress_line(rec: dict[str, Any], epochs: int) -> str:
             f"x {rec['steps']}, comm={rec['comm']})")
 
 
+def install_compact_sync(model: nn.Module, cfg: RunConfig) -> CompactGradSync | None:
+    """Compact gradient sync for a distributed run of a model with expanded layers under ``expand_sync:
+    compact`` (None otherwise): its factors leave DDP's buckets, rank 0's factors are broadcast."""
+    tr = cfg.transport
+    if (tr.expand_sync != "compact" or not expanded_layers(model)
+            or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)):
+        return None
+    sync = CompactGradSync(model, tr.comm, seed=cfg.seed, error_feedback=tr.error_feedback,
+                           residual_decay=tr.residual_decay)
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sync.factor_names())
+    sync.broadcast_factors()
+    return sync
+
+
 def save_ray_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
                         history: list[dict[str, Any]], cfg: RunConfig) -> tuple[Any, str]:
     """(ray.train.Checkpoint over a fresh temp dir, the temp dir) holding the state after ``epoch`` epochs."""
@@ -131,6 +150,8 @@ def train_func(config: dict[str, Any]) -> None:
 
     loss_fn = build_loss(cfg.distill, get_teacher(cfg, device))
     train_loader, test_loader = shard_loaders(cfg, rank, world)
+    sync = install_compact_sync(model, cfg)
+    sync_stats = sync.stats if sync is not None else CommStats(spec=cfg.transport.comm)
     ddp = ray.train.torch.prepare_model(model, move_to_device=device,
                                         parallel_strategy_kwargs={"forward_sync_buffers": False})
     tr = cfg.transport
@@ -143,16 +164,18 @@ def train_func(config: dict[str, Any]) -> None:
     def before_epoch(epoch: int) -> None:
         train_loader.set_epoch(epoch)
         seed_everything(epoch_seed(cfg.seed, rank, epoch))
-        mark.update(t=time.perf_counter(), comm=stats.snapshot())
+        mark.update(t=time.perf_counter(), comm=stats.snapshot(), sync=sync_stats.snapshot())
 
     def on_epoch(epoch: int, record: dict[str, Any]) -> None:
-        b0, s0 = mark["comm"]
-        comm = (stats.bytes - b0, stats.steps - s0)
+        (b0, s0), (c0, t0) = mark["comm"], mark["sync"]  # DDP buckets + compact sync of fused ExpandNets
+        comm = (stats.bytes - b0 + sync_stats.bytes - c0, max(stats.steps - s0, sync_stats.steps - t0))
+        if sync is not None:
+            sync.broadcast_factors()  # every rank, before evaluation and rank 0's checkpoint: no drift
         pool_bn_statistics(unwrap(ddp), record["train_samples"])  # before evaluation, checkpoint, final model
         test = evaluate(unwrap(ddp), test_loader, device)
         rec = epoch_record(record, test, comm, time.perf_counter() - mark["t"], tr.comm, world, device)
         rec["start_epoch"] = start_epoch  # > 0: this epoch was trained by an attempt resumed from a checkpoint
-        rec["bytes_last_step"] = stats.last_step_bytes
+        rec["bytes_last_step"] = stats.last_step_bytes + sync_stats.last_step_bytes
         history.append(rec)
         if rank == 0:
             print(f"[compactfl] {progress_line(rec, epochs)}", flush=True)

@@ -6,6 +6,7 @@ raise :class:`ConfigError` with a one-line message naming the key path and what 
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -257,6 +258,9 @@ class TransportConfig(Strict):
     dense_warmup_rounds: int = Field(0, ge=0, description="first N rounds send dense updates")
     downlink: DownlinkConfig = DownlinkConfig()
     comm: str = Field("none", description="ray gradients: none | fp16 | bf16 | powersgd(RANK) | codec chain")
+    expand_sync: Literal["compact", "factors"] = Field(
+        "compact", description="ray, fused ExpandNets: average the compact dL/dW, dL/db (exact, compact net's "
+        "bytes) or the factor gradients (the chain's bytes; needed for explicit mode and powersgd)")
 
     @field_validator("codec", mode="before")
     @classmethod
@@ -276,6 +280,27 @@ class TransportConfig(Strict):
 
 _LEGACY_KEYS = {("engine", "transport_dtype"): "transport.dtype", ("engine", "comm"): "transport.comm"}
 
+# ------------------------------------------------------------------------------------------- tracking
+class MlflowTracking(Strict):
+    """MLflow: no ``uri`` = an embedded SQLite store ``<output>/mlflow.db`` (artifacts in ``<output>/mlartifacts``)."""
+
+    enabled: bool = Field(True, description="log this run to MLflow (set COMPACTFL_TRACKING=off to disable all)")
+    uri: str | None = Field(None, description="tracking server, e.g. http://host:5000 (None = embedded store)")
+    experiment: str = Field("compactfl", min_length=1, description="MLflow experiment name")
+
+
+class TensorboardTracking(Strict):
+    """TensorBoard event files (the same scalars) under ``<run dir>/tensorboard``."""
+
+    enabled: bool = False
+
+
+class TrackingConfig(Strict):
+    """Experiment trackers fed by the process that owns the run dir; never part of a resume fingerprint."""
+
+    mlflow: MlflowTracking = MlflowTracking()
+    tensorboard: TensorboardTracking = TensorboardTracking()
+
 
 # ------------------------------------------------------------------------------------------------ run
 class RunConfig(Strict):
@@ -292,6 +317,7 @@ class RunConfig(Strict):
     transport: TransportConfig = TransportConfig()
     output: Path = Path("runs")
     resume: bool = False
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _distill_needs_teacher(self) -> RunConfig:
@@ -304,6 +330,19 @@ class RunConfig(Strict):
         problem = transport_problem(self.transport, self.engine.kind)
         if problem:
             raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _expand_sync_fits_model(self) -> RunConfig:
+        c, t = self.compression, self.transport
+        if self.engine.kind != "ray" or c.kind != "expand" or t.expand_sync != "compact":
+            return self
+        if c.mode != "fused":
+            raise ValueError("transport.expand_sync: compact needs compression.mode: fused (explicit mode has no "
+                             "compact W to average); set transport.expand_sync: factors")
+        if t.comm.startswith("powersgd"):
+            raise ValueError(f"transport.expand_sync: compact does not support comm {t.comm!r}; set "
+                             "transport.expand_sync: factors")
         return self
 
     @property
@@ -321,7 +360,7 @@ def transport_problem(t: TransportConfig, engine: str) -> str | None:
     d = TransportConfig()
     if engine == "flower":
         for key in ("codec", "error_feedback", "residual_decay", "exclude", "dense_warmup_rounds", "downlink",
-                    "comm"):
+                    "comm", "expand_sync"):
             if getattr(t, key) != getattr(d, key):
                 return (f"transport.{key}: not applied by the flower engine yet (it sends the trainable state in "
                         "transport.dtype); the ray engine compresses with transport.comm")
@@ -389,7 +428,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
     """Validate a raw dict (plus overrides) into a RunConfig, or raise a one-line ConfigError."""
-    raw = apply_overrides(dict(raw or {}), list(overrides or []))
+    raw = apply_overrides(copy.deepcopy(dict(raw or {})), list(overrides or []))
     for (section, key), new in _LEGACY_KEYS.items():
         if isinstance(raw.get(section), dict) and key in raw[section]:
             raise ConfigError(f"config error: {section}.{key}: moved to {new}")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.stages import load_model
+from pipeline.tracking import track_artifact
 
 
 class _LogitsOnly(nn.Module):
@@ -99,4 +100,5 @@ def export_onnx(run_dir: Path, out: Path | None = None, *, opset: int = 18, tole
     diff = check_onnx(model, path, shape)
     if diff is not None and diff > tolerance:
         raise ValueError(f"{path}: ONNX logits differ from PyTorch by {diff:.3g} (relative) (> {tolerance:g})")
+    track_artifact(run_dir, path)
     return {"path": path, "bytes": path.stat().st_size, "max_abs_diff": diff, "samples": 8 if diff is not None else 0}

@@ -26,6 +26,7 @@ from pipeline.logging_utils import get_logger
 log = get_logger("nightly")
 
 BASELINE_FORMAT = "compactfl-nightly-baseline/1"
+NIGHTLY_EXPERIMENT = "compactfl-nightly"  # every suite run of every night in one MLflow experiment
 DEFAULT_CHECKS: dict[str, dict[str, Any]] = {
     "params_train": {"kind": "exact"},
     "params_deploy": {"kind": "exact"},
@@ -122,7 +123,8 @@ def run_suite_entry(path: Path, output: Path, overrides: list[str]) -> dict[str,
     from pipeline.stages import prepare_run_dir
 
     name = path.stem
-    cfg = load_config(path, [f"output={output / 'runs'}", f"name={name}", "resume=false", *overrides])
+    cfg = load_config(path, [f"output={output / 'runs'}", f"name={name}", "resume=false",
+                             f"tracking.mlflow.experiment={NIGHTLY_EXPERIMENT}", *overrides])
     run_dir = Path(cfg.run_dir)
     if run_dir.exists():
         shutil.rmtree(run_dir)

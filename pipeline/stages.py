@@ -22,6 +22,7 @@ from torch import nn
 import models
 from pipeline.config import RunConfig, dump_config
 from pipeline.logging_utils import attach_run_log, get_logger
+from pipeline.tracking import track_finish
 
 MODEL_FORMAT = "compactfl-model/1"
 INPUT_SHAPE = (1, 3, 32, 32)
@@ -215,6 +216,7 @@ def finish_run(cfg: RunConfig, trained_model: nn.Module, history: list[dict[str,
     write_run_report(run_dir, _json_safe(summary), _json_safe(history), dump_config(cfg))
     log.info("finished %s: test accuracy %.4f (deploy params %d, MACs %d)", summary["name"],
              summary["test_accuracy"], costs["params_deploy"], costs["macs_deploy"])
+    track_finish(cfg, run_dir, history, _json_safe(summary))
     return summary
 
 

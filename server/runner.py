@@ -26,6 +26,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import RunConfig
 from pipeline.modeling import build_training_model
+from pipeline.tracking import track_history
 from pipeline.train import evaluate, lr_at, resolve_device, seed_everything
 from pipeline.transport.wire import CONFIG_KEY, LRS_KEY, config_to_json, decode_record, to_numpy_record
 from server.loop import run_rounds
@@ -134,6 +135,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                  record["replies_ok"], record["replies_failed"], record["replies_dropped"], record["replies_clipped"])
         save_round_checkpoint(ckpt_dir, ServerCheckpoint(rnd, global_state, strategy.state_arrays(), history,
                                                    capture_rng()), cfg)
+        track_history(cfg, run_dir, history)
 
     final = to_numpy_record(state)
     if first_round <= cfg.engine.rounds:

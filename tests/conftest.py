@@ -23,6 +23,13 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _tracking_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Experiment tracking (MLflow is on by default for users) stays off in tests, subprocesses included;
+    tests of tracking itself remove this with ``monkeypatch.delenv("COMPACTFL_TRACKING")``."""
+    monkeypatch.setenv("COMPACTFL_TRACKING", "off")
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not CIFAR_SCRIPT.is_file():

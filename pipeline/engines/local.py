@@ -9,6 +9,7 @@ from typing import Any
 from pipeline.checkpoint import has_epoch_checkpoint, load_epoch_checkpoint, save_epoch_checkpoint
 from pipeline.config import RunConfig
 from pipeline.logging_utils import get_logger, progress
+from pipeline.tracking import track_history
 
 log = get_logger("engine")
 CHECKPOINT_DIR = "checkpoints"  # the local engine's per-epoch checkpoints (the Flower server uses the same name)
@@ -52,6 +53,7 @@ def run_local(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             record["seconds"] = time.perf_counter() - tick["t"]
             history.append(record)
             save_epoch_checkpoint(ckpt_dir, model, optimizer, epoch + 1, history, cfg)
+            track_history(cfg, run_dir, history)
             bar.update(epoch + 1, record)
 
         if start_epoch < epochs:

@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline.config import RunConfig, config_from_dict
 from pipeline.logging_utils import get_logger
+from pipeline.tracking import track_history
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # must be set before ray.train is first imported
 
@@ -218,6 +219,7 @@ def run_ray(cfg: RunConfig, run_dir: Path, *, train_func: Callable[[dict[str, An
         if result.checkpoint is None:
             raise RuntimeError(f"ray engine: run {run_name(cfg, run_dir)!r} produced no checkpoint")
         model, history = load_final(cfg, result.checkpoint)
+        track_history(cfg, run_dir, history)  # from the driver: workers may sit on other nodes
     finally:
         if started_here:
             import ray

@@ -127,36 +127,47 @@ def _gather_payloads(payload: torch.Tensor, process_group) -> list[torch.Tensor]
     return [g[: int(s)] for g, s in zip(gathered, sizes, strict=True)]
 
 
+def codec_mean(grad: torch.Tensor, chain: Chain, ctx: CodecContext, stats: CommStats, process_group,
+               pieces: list[tuple[str, int]]) -> tuple[torch.Tensor, int]:
+    """(mean over ranks of every rank's decoded ``grad``, bytes this rank sent) through ``chain`` and all_gather.
+
+    ``pieces`` names the consecutive slices of ``grad`` (name, numel) under which ``stats.error_feedback`` keeps
+    its residuals; allgather padding is added to ``stats.padding``. Shared by the DDP codec hook (one call per
+    bucket) and :mod:`pipeline.transport.compact_sync` (one call per fused ExpandNets layer).
+    """
+    rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
+    ef = stats.error_feedback
+    names, sizes = [n for n, _ in pieces], [k for _, k in pieces]
+    grad = grad.detach().float()
+    if ef is not None:
+        grad = torch.cat([ef.compensate(n, g, stats.steps) for n, g in zip(names, grad.split(sizes), strict=True)])
+    encoded = chain.encode(grad, ctx)
+    own = chain.decode(encoded)
+    if ef is not None:
+        for n, c, o in zip(names, grad.split(sizes), own.split(sizes), strict=True):
+            ef.record(n, c, o, stats.steps)
+    payload = chain.to_bytes(encoded).to(grad.device)
+    payloads = _gather_payloads(payload, process_group)
+    total = torch.zeros_like(own)
+    for r, data in enumerate(payloads):
+        total += own if r == rank else chain.decode(chain.from_bytes(data, encoded.shape))
+    stats.padding += max(p.numel() for p in payloads) - payload.numel()
+    return total / world, payload.numel() + 8
+
+
 def _codec_hook(state: _CodecState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Encode this rank's bucket (with error feedback), allgather the payloads, decode and average them.
 
     Stochastic rounding is seeded by (seed, step, rank, bucket index), so reruns are bit-identical.
     """
     buf = bucket.buffer()
-    st, chain = state.stats, state.chain
-    name = f"bucket{bucket.index()}"
-    ctx = CodecContext(seed=state.seed, round=st.steps, partition=state.rank, name=name)
-    grad = buf.detach().float()
-    ef = st.error_feedback
-    if ef is not None:  # the bucket is its parameters' gradients back to back
-        names = [state.names[id(p)] for p in bucket.parameters()]
-        sizes = [p.numel() for p in bucket.parameters()]
-        grad = torch.cat([ef.compensate(n, g, st.steps) for n, g in zip(names, grad.split(sizes), strict=True)])
-    encoded = chain.encode(grad, ctx)
-    own = chain.decode(encoded)
-    if ef is not None:
-        for n, c, o in zip(names, grad.split(sizes), own.split(sizes), strict=True):
-            ef.record(n, c, o, st.steps)
-    payload = chain.to_bytes(encoded).to(buf.device)
-    payloads = _gather_payloads(payload, state.process_group)
-    total = torch.zeros_like(own)
-    for rank, data in enumerate(payloads):
-        total += own if rank == state.rank else chain.decode(chain.from_bytes(data, encoded.shape))
-    sent = payload.numel() + 8
-    st.padding += max(p.numel() for p in payloads) - payload.numel()
+    st = state.stats
+    ctx = CodecContext(seed=state.seed, round=st.steps, partition=state.rank, name=f"bucket{bucket.index()}")
+    pieces = [(state.names[id(p)], p.numel()) for p in bucket.parameters()]
+    mean, sent = codec_mean(buf, state.chain, ctx, st, state.process_group, pieces)
     _count(st, sent, bucket)
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    fut.set_result((total / state.world).to(buf.dtype))
+    fut.set_result(mean.to(buf.dtype))
     return fut
 
 

@@ -39,7 +39,7 @@ def scenario_configs(out: Path) -> dict[str, dict[str, Any]]:
         return {**TINY, "name": name, "seed": 0, "output": str(out), "model": {"name": model},
                 "compression": compression or {"kind": "none"},
                 "engine": {"kind": "ray", "workers": 2, "max_failures": 1, **engine},
-                "train": {**TINY["train"], "epochs": epochs}}
+                "train": {**TINY["train"], "epochs": epochs}, "tracking": {"mlflow": {"enabled": False}}}
 
     return {
         "dense": cfg("dense", "resnet20"),
@@ -49,7 +49,8 @@ def scenario_configs(out: Path) -> dict[str, dict[str, Any]]:
         "expand": {**cfg("expand", "smallnet7", {"kind": "expand", "strategy": "ck", "rate": 4}, epochs=2),
                    "transport": {"comm": "fp16"},
                    "teacher": {"model": {"name": "smallnet3"}, "train": {"epochs": 1, "max_batches": 1}},
-                   "distill": {"kind": "kd", "T": 4.0, "alpha": 0.9}},
+                   "distill": {"kind": "kd", "T": 4.0, "alpha": 0.9},
+                   "tracking": {"mlflow": {"enabled": True}}},  # the driver logs to <out>/mlflow.db
         "resume": cfg("dense", "resnet20", epochs=2),  # same name + storage as "dense": continues it
     }
 
@@ -178,8 +179,8 @@ def scenarios(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("ray_runs")
     result_file = out / "results.json"
     run_checked([PYTHON, str(Path(__file__).resolve()), str(out), str(result_file)], timeout=420,
-                env=clean_env())
-    return json.loads(result_file.read_text())
+                env=clean_env(COMPACTFL_TRACKING="on"))
+    return {**json.loads(result_file.read_text()), "out": str(out)}
 
 
 def test_dense_csg_and_expanded_runs_finish_with_compact_models(scenarios: dict[str, Any]) -> None:
@@ -211,7 +212,8 @@ def test_compression_hooks_and_distillation_on_workers(scenarios: dict[str, Any]
     exp = scenarios["expand"]
     assert exp["summary"]["distill"] == "kd"
     assert exp["history"][0]["comm"] == "fp16"
-    assert exp["history"][0]["bytes_per_step"] == exp["summary"]["params_train"] * 2
+    # transport.expand_sync: compact (default): the fused factors' gradients travel as the compact dL/dW, dL/db
+    assert exp["history"][0]["bytes_per_step"] == exp["summary"]["params_deploy"] * 2
 
 
 def test_killed_worker_is_restarted_and_the_run_completes(scenarios: dict[str, Any]) -> None:
@@ -227,6 +229,23 @@ def test_same_run_name_resumes_from_its_latest_checkpoint(scenarios: dict[str, A
     assert [r["epoch"] for r in resumed] == [1, 2]
     assert resumed[0] == first[0]  # epoch 1 comes from the checkpoint, not retrained
     assert resumed[1]["start_epoch"] == 1
+
+
+def test_the_driver_logs_the_epoch_history_and_artifacts_to_mlflow(scenarios: dict[str, Any]) -> None:
+    """Only the scenario that enables tracking is logged (after a worker restart), from the driver process."""
+    mlflow = pytest.importorskip("mlflow")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{Path(scenarios['out']) / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("compactfl").experiment_id])
+    assert [r.info.run_name for r in runs] == ["expand"]
+    run, hist = runs[0], scenarios["expand"]["history"]
+    assert run.info.status == "FINISHED" and run.data.tags["engine"] == "ray" and run.data.tags["comm"] == "fp16"
+    assert run.data.params["engine.workers"] == "2" and run.data.params["distill.kind"] == "kd"
+    for key in ("train_loss", "test_accuracy", "bytes_allreduce"):
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        assert logged == [(r["epoch"], pytest.approx(r[key])) for r in hist], key
+    cumulative = client.get_metric_history(run.info.run_id, "bytes_allreduce_cumulative")
+    assert max(m.value for m in cumulative) == scenarios["expand"]["summary"]["bytes_allreduce"]
+    assert {"model.safetensors", "model.json", "report.md"} <= {f.path for f in client.list_artifacts(run.info.run_id)}
 
 
 
@@ -248,7 +267,8 @@ def tiny_launch_config(path: Path, name: str) -> Path:
     import yaml
 
     raw = {**TINY, "name": name, "seed": 0, "model": {"name": "smallnet7"},
-           "engine": {"kind": "ray", "workers": 2, "max_failures": 0}}
+           "engine": {"kind": "ray", "workers": 2, "max_failures": 0},
+           "tracking": {"mlflow": {"enabled": False}}}  # ray submit's login shell has no COMPACTFL_TRACKING
     path.write_text(yaml.safe_dump(raw))
     return path
 
