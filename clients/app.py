@@ -7,7 +7,10 @@ clients never restart a schedule). The partition comes from the node config (``p
 ``num-partitions``), set by the simulation or by ``flower-supernode --node-config``; a deployed node
 (``data-dir`` in its node config) reads its data, teacher and generator only from its node config
 (``clients/node_config.py``), never from paths in the message. Replies carry only the trainable state,
-cast to ``transport.dtype``, plus metrics including the bytes received and sent.
+cast to ``transport.dtype`` (or, with a ``transport.codec`` chain, the encoded update ``trained - base``:
+``clients/transport_client.py``), plus metrics including the bytes received and sent. A train message also
+carries the server's transport header (format version, codec chain, dtype): a node refuses a mismatch with
+its own run config, with the reason, as an error reply.
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.flower_client import local_evaluate, local_train
-from clients.node_config import NodeSettings, node_run_config, read_node_settings
+from clients.node_config import NodeSettings, node_run_config, node_state_folder, read_node_settings
+from clients.transport_client import check_message_header, outgoing_arrays, received_state
 from pipeline.transport.wire import (
     CONFIG_KEY,
     LRS_KEY,
     config_from_json,
     decode_record,
-    encode_state,
     record_nbytes,
 )
 
@@ -49,10 +52,14 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     if LRS_KEY not in config:
         raise ValueError(f"train message config lacks {LRS_KEY!r} (was it sent by the compactfl ServerApp?)")
-    state, metrics = local_train(cfg, decode_record(received), partition_id=pid, num_partitions=n,
-                                 server_round=int(config["server-round"]), lrs=[float(x) for x in config[LRS_KEY]],
+    server_round = int(config["server-round"])
+    check_message_header(config, cfg, server_round)
+    base = received_state(cfg, received)
+    state, metrics = local_train(cfg, base, partition_id=pid, num_partitions=n,
+                                 server_round=server_round, lrs=[float(x) for x in config[LRS_KEY]],
                                  proximal_mu=float(config.get("proximal-mu", 0.0)))
-    reply = encode_state(state, cfg.transport.dtype)
+    reply, _groups = outgoing_arrays(cfg, base, state, partition_id=pid, server_round=server_round,
+                                     state_folder=node_state_folder(cfg, node))
     metrics.update({"partition-id": pid, "bytes-received": record_nbytes(received), "bytes-sent": record_nbytes(reply)})
     return Message(RecordDict({"arrays": reply, "metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -7,7 +7,8 @@ node reads comes from its node config, never from a path inside the server's mes
 - ``data-dir``: the folder ``compactfl partition`` wrote for this node (its training partition + test shard);
 - ``teacher``: a teacher checkpoint (``model.safetensors`` with ``model.json`` beside it), needed only when
   the run distils;
-- ``generator``: a CSG generator file, needed only when the run shares one (``compression.generator``).
+- ``generator``: a CSG generator file, needed only when the run shares one (``compression.generator``);
+- ``state-dir``: where the node keeps its error-feedback residuals (default: ``data-dir``/nodes/node-PID).
 
 The server's ``data.root``, ``teacher.checkpoint`` (or ``teacher.model``: a deployed node never trains a
 teacher into a server-chosen folder) and ``compression.generator`` are replaced by these; a missing key or
@@ -25,7 +26,7 @@ from typing import Any
 from pipeline.config import RunConfig, TeacherConfig
 from pipeline.data.node_data import MANIFEST, is_node_folder
 
-DATA_DIR, TEACHER, GENERATOR = "data-dir", "teacher", "generator"
+DATA_DIR, TEACHER, GENERATOR, STATE_DIR = "data-dir", "teacher", "generator", "state-dir"
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class NodeSettings:
     data_dir: Path | None = None
     teacher: Path | None = None
     generator: Path | None = None
+    state_dir: Path | None = None
 
     @property
     def deployed(self) -> bool:
@@ -66,8 +68,8 @@ def read_node_settings(node_config: dict[str, Any]) -> NodeSettings:
     if not 0 <= pid < n:
         raise ValueError(f"node config partition-id={pid} is outside 0..{n - 1} (num-partitions={n})")
     settings = NodeSettings(pid, n, _path(node_config, DATA_DIR), _path(node_config, TEACHER),
-                            _path(node_config, GENERATOR))
-    if not settings.deployed and (settings.teacher or settings.generator):
+                            _path(node_config, GENERATOR), _path(node_config, STATE_DIR))
+    if not settings.deployed and (settings.teacher or settings.generator or settings.state_dir):
         raise ValueError("node config names teacher/generator files but no 'data-dir': a deployed node takes "
                          "all its files from its node config, so give it data-dir too")
     return settings
@@ -98,3 +100,13 @@ def node_run_config(cfg: RunConfig, node: NodeSettings) -> RunConfig:
         generator = _need_file(node.generator, GENERATOR, "this run shares a CSG generator file")
         update["compression"] = cfg.compression.model_copy(update={"generator": generator})
     return cfg.model_copy(update=update)
+
+
+def node_state_folder(cfg: RunConfig, node: NodeSettings) -> Path:
+    """Where this node keeps its own state across rounds and resumes: ``state-dir`` (or a folder under
+    ``data-dir``) in deployment; ``<run dir>/nodes/node-<pid>`` in simulation (one trusted machine)."""
+    from pipeline.transport.node_store import node_state_dir
+
+    if node.data_dir is not None:
+        return node.state_dir or node_state_dir(node.data_dir, node.partition_id)
+    return node_state_dir(cfg.run_dir, node.partition_id)

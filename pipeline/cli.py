@@ -82,6 +82,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     for row in summary_rows(summary):
         table.add_row(*row)
     console.print(table)
+    if summary.get("bytes_per_round"):
+        console.print("bytes per round (up + down): " + ", ".join(f"{b:,}" for b in summary["bytes_per_round"]))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -333,6 +333,13 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _robust_aggregator_fits_codec(self) -> RunConfig:
+        problem = robust_codec_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
     def _expand_sync_fits_model(self) -> RunConfig:
         c, t = self.compression, self.transport
         if self.engine.kind != "ray" or c.kind != "expand" or t.expand_sync != "compact":
@@ -353,17 +360,25 @@ class RunConfig(Strict):
 def transport_problem(t: TransportConfig, engine: str) -> str | None:
     """Why ``t`` does not fit ``engine`` (None if it does). Keys an engine would ignore are refused, not dropped.
 
-    The local engine sends nothing and ignores the section. The Flower engine applies ``dtype`` (its update
-    codecs, error feedback and downlink are wired in a later step). The Ray engine applies ``comm`` (and
-    ``error_feedback``/``residual_decay`` with library codecs).
+    The local engine sends nothing and ignores the section. The Flower engine applies ``dtype`` and, for
+    uploads, the update ``codec`` chain with its per-tensor rules and error feedback (its ``delta`` downlink
+    is not wired yet). The Ray engine applies ``comm`` (and ``error_feedback``/``residual_decay`` with
+    library codecs).
     """
     d = TransportConfig()
     if engine == "flower":
-        for key in ("codec", "error_feedback", "residual_decay", "exclude", "dense_warmup_rounds", "downlink",
-                    "comm", "expand_sync"):
+        for key in ("comm", "expand_sync"):
             if getattr(t, key) != getattr(d, key):
-                return (f"transport.{key}: not applied by the flower engine yet (it sends the trainable state in "
-                        "transport.dtype); the ray engine compresses with transport.comm")
+                return f"transport.{key}: used by the ray engine only (the flower engine encodes with transport.codec)"
+        if t.downlink != d.downlink:
+            return ("transport.downlink: not applied by the flower engine yet (the server sends the full global "
+                    "model in transport.dtype); remove the key")
+        if not t.codec:
+            for key in ("error_feedback", "residual_decay", "exclude", "dense_warmup_rounds"):
+                if getattr(t, key) != getattr(d, key):
+                    return f"transport.{key}: applies only with a transport.codec chain"
+        elif t.residual_decay != d.residual_decay and not t.error_feedback:
+            return "transport.residual_decay: applies only with transport.error_feedback: true"
     elif engine == "ray":
         if t.codec:
             return "transport.codec: the ray engine encodes gradients with transport.comm (set the chain there)"
@@ -376,6 +391,27 @@ def transport_problem(t: TransportConfig, engine: str) -> str | None:
         if t.error_feedback and STOCK_COMM.fullmatch(t.comm):
             return (f"transport.error_feedback: applies to library codecs in transport.comm, not to "
                     f"{t.comm!r} (powersgd keeps its own error feedback)")
+    return None
+
+
+#: Flower strategies that aggregate coordinate by coordinate (or pick replies by coordinate distances)
+COORDINATE_ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+
+
+def robust_codec_problem(cfg: RunConfig) -> str | None:
+    """Why a coordinate-wise robust aggregator cannot take this run's sparse updates (None if it can).
+
+    Decoded top-k updates are dense tensors, but each is zero outside its own support of ``frac`` of the
+    coordinates: with different supports the median / trimmed mean of a coordinate is (almost always) 0 and
+    Krum's distances measure supports, not models, so the result is meaningless. Dense codecs (cast, qsgd,
+    sign) keep every coordinate and stay allowed.
+    """
+    if cfg.engine.kind != "flower" or cfg.engine.strategy not in COORDINATE_ROBUST:
+        return None
+    sparse = [stage for stage in cfg.transport.codec if stage.startswith("topk")]
+    if sparse:
+        return (f"engine.strategy {cfg.engine.strategy} aggregates coordinate-wise and cannot take sparse updates "
+                f"(transport.codec {sparse[0]}): use fedavg/fedprox/fedadam, or a dense codec (qsgd, sign, cast)")
     return None
 
 

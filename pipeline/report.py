@@ -137,6 +137,9 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
          human_bytes(summary.get("payload_bytes_deploy"))),
         ("test accuracy", "", f"{acc:.4f}" if acc is not None else "-"),
         ("bytes exchanged", human_bytes(summary.get("bytes_total")), ""),
+        *([("upload per client per round", human_bytes(summary["upload_bytes_per_client_round"]),
+            f"{summary['upload_compression']}x smaller than dense fp32")]
+          if summary.get("upload_compression") else []),
         ("wall time", f"{summary.get('wall_seconds', 0.0):.1f} s", ""),
     ]
 

@@ -6,6 +6,7 @@ engine (``pipeline.engines.flower``), so both produce the same run dir for the s
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -28,7 +29,17 @@ from pipeline.config import RunConfig
 from pipeline.modeling import build_training_model
 from pipeline.tracking import track_history
 from pipeline.train import evaluate, lr_at, resolve_device, seed_everything
-from pipeline.transport.wire import CONFIG_KEY, LRS_KEY, config_to_json, decode_record, to_numpy_record
+from pipeline.transport.update import header
+from pipeline.transport.wire import (
+    CONFIG_KEY,
+    HEADER_KEY,
+    LRS_KEY,
+    config_to_json,
+    decode_record,
+    encode_state,
+    record_nbytes,
+    to_numpy_record,
+)
 from server.loop import run_rounds
 from server.strategies import build_strategy
 
@@ -77,6 +88,16 @@ def log_partitions(cfg: RunConfig) -> None:
     log.info("training partitions (%s, %d clients):\n%s", cfg.data.partition.kind, cfg.engine.clients, table)
 
 
+def upload_compression(history: list[dict[str, Any]], dense_fp32_bytes: int) -> dict[str, Any]:
+    """Mean upload per client per round over the run, and how many times smaller it is than dense fp32."""
+    ups = [r["bytes_up_per_client"] for r in history if r.get("bytes_up_per_client")]
+    mean_up = sum(ups) / len(ups) if ups else 0.0
+    return {"upload_bytes_per_client_round": round(mean_up, 1), "dense_fp32_bytes_per_client": int(dense_fp32_bytes),
+            "upload_compression": round(dense_fp32_bytes / mean_up, 2) if mean_up else None,
+            "message_bytes_total": int(sum(r.get("message_bytes_up", 0) + r.get("message_bytes_down", 0)
+                                           for r in history))}
+
+
 def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """Train ``cfg.engine.rounds`` federated rounds (resuming when asked) and finish the run; returns summary."""
     from pipeline.stages import finish_run
@@ -115,8 +136,10 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     cfg_json = config_to_json(cfg)
 
     def round_config(rnd: int) -> ConfigRecord:
-        """What every train/evaluate message of round ``rnd`` carries: the run config and the round's LRs."""
-        return ConfigRecord({CONFIG_KEY: cfg_json, LRS_KEY: round_lrs(cfg, rnd)})
+        """What every train/evaluate message of round ``rnd`` carries: the run config, the round's LRs and the
+        transport header (format version, codec chain, dtype) that nodes check against their config."""
+        return ConfigRecord({CONFIG_KEY: cfg_json, LRS_KEY: round_lrs(cfg, rnd),
+                             HEADER_KEY: json.dumps(header(cfg.transport, rnd), sort_keys=True)})
 
     def on_round(rnd: int, arrays: ArrayRecord, train_m: MetricRecord | None, eval_m: MetricRecord | None,
                  seconds: float) -> None:
@@ -130,8 +153,9 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         record.update(strategy.ledger.summary(rnd))
         record["seconds"] = seconds
         history.append(record)
-        log.info("round %d: test accuracy %.4f, bytes up %d down %d, replies ok %d failed %d dropped %d "
-                 "clipped %d", rnd, record["test_accuracy"], record["bytes_up"], record["bytes_down"],
+        log.info("round %d: test accuracy %.4f, bytes up %d (%d per client) down %d, replies ok %d failed %d "
+                 "dropped %d clipped %d", rnd, record["test_accuracy"], record["bytes_up"],
+                 record["bytes_up_per_client"], record["bytes_down"],
                  record["replies_ok"], record["replies_failed"], record["replies_dropped"], record["replies_clipped"])
         save_round_checkpoint(ckpt_dir, ServerCheckpoint(rnd, global_state, strategy.state_arrays(), history,
                                                    capture_rng()), cfg)
@@ -144,6 +168,9 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     models.load_trainable_state(model, decode_record(final))
     extra = {"rounds": len(history), "clients": cfg.engine.clients,
              "strategy": cfg.engine.strategy, "transport_dtype": cfg.transport.dtype,
+             "transport_codec": "+".join(cfg.transport.codec) or "none",
              "payload_bytes_up_per_client": history[-1]["bytes_up_per_client"] if history else 0,
+             **upload_compression(history, record_nbytes(encode_state(decode_record(final), "fp32"))),
+             "bytes_per_round": [int(r["bytes_up"] + r["bytes_down"]) for r in history],
              "flower_seconds": time.perf_counter() - started}
     return finish_run(cfg, model, history, run_dir, extra=extra)

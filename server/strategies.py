@@ -6,6 +6,9 @@ then wraps a plain Flower strategy); aggregation itself stays Flower's. The hook
 - transport: the strategy keeps an fp32 master ``ArrayRecord``; messages carry it cast to
   ``transport.dtype`` (FedOpt's ``current_arrays`` therefore stay fp32);
 - accounting: every ArrayRecord sent and received is measured (:mod:`server.accounting`);
+- decoding: with a ``transport.codec`` chain a train reply is an encoded update; it is decoded (header,
+  parts, shapes, finiteness checked) into the fp32 state ``base + update`` before anything else looks at it,
+  and a reply that does not decode is dropped with the reason and the node named;
 - screening, train and evaluate replies alike: structure, arrays and metrics (:mod:`server.validation`);
   a node keeps the ``partition-id`` of its first accepted reply and a partition claimed by two nodes in one
   round is believed for neither; weights are capped
@@ -46,7 +49,14 @@ from flwr.serverapp.strategy import (
 
 from pipeline.config import RunConfig
 from pipeline.data import DataError
-from pipeline.transport.wire import decode_record, encode_state, record_nbytes, to_numpy_record
+from pipeline.transport.wire import (
+    decode_record,
+    encode_state,
+    message_nbytes,
+    record_group_nbytes,
+    record_nbytes,
+    to_numpy_record,
+)
 from server.accounting import ByteLedger
 from server.example_weights import SizeOf, capped_weights, partition_sizes
 from server.update_screen import screen_updates
@@ -58,6 +68,7 @@ from server.validation import (
     ReplyRejected,
     check_evaluate_content,
     check_train_arrays,
+    check_train_update,
     clean_metrics,
     expected_layout,
     partition_of,
@@ -123,7 +134,7 @@ class CompactflHooks:
         nbytes = record_nbytes(wire)
         for msg in messages:
             msg.content[ARRAYS_KEY] = wire
-            self.ledger.sent(server_round, msg.metadata.dst_node_id, nbytes)
+            self.ledger.sent(server_round, msg.metadata.dst_node_id, nbytes, message_nbytes(msg))
         return messages
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -153,10 +164,15 @@ class CompactflHooks:
                 log.warning("round %d: node %d failed: %s", server_round, node, (lines[-1] if lines else "?")[:300])
                 continue
             arrays = msg.content.array_records.get(ARRAYS_KEY)
-            if arrays is not None:
-                self.ledger.received(server_round, node, record_nbytes(arrays))
+            groups = record_group_nbytes(arrays, self._cfg.transport) if arrays is not None and train else None
+            self.ledger.received(server_round, node, record_nbytes(arrays) if arrays is not None else 0,
+                                 message_nbytes(msg), groups)
             try:
-                if train:
+                if train and self._cfg.transport.codec:
+                    state = check_train_update(msg.content, self._base, self._cfg.transport, server_round,
+                                               ARRAYS_KEY)
+                    record = next(iter(msg.content.metric_records.values()))
+                elif train:
                     state = check_train_arrays(msg.content, self._layout, ARRAYS_KEY)
                     record = next(iter(msg.content.metric_records.values()))
                 else:

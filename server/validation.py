@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from pipeline.transport.wire import RAW_STYPE, WIRE_DTYPES, decode_array
+from pipeline.config import TransportConfig
+from pipeline.transport.wire import RAW_STYPE, WIRE_DTYPES, decode_array, record_to_update
 
 WEIGHT_KEY = "num-examples"
 PARTITION_KEY = "partition-id"
@@ -74,6 +75,31 @@ def check_train_arrays(content: RecordDict, layout: dict[str, ArraySpec], arrays
     _check_value(WEIGHT_KEY, metrics.get(WEIGHT_KEY), "count")
     state = decode_arrays(records[arrays_key], layout)
     check_bn_variances(state)
+    return state
+
+
+def check_train_update(content: RecordDict, base: dict[str, torch.Tensor], transport: TransportConfig,
+                       server_round: int, arrays_key: str = "arrays") -> dict[str, torch.Tensor]:
+    """The decoded fp32 state ``base + update`` of a train reply carrying an encoded update (structure, weight,
+    header, parts, BN variances); raises ReplyRejected naming what does not decode."""
+    records = content.array_records
+    if set(records) != {arrays_key}:
+        raise ReplyRejected(f"expected exactly one ArrayRecord named {arrays_key!r}, got {sorted(records)}")
+    if set(content) != {arrays_key, *content.metric_records}:
+        raise ReplyRejected(f"unexpected ConfigRecord(s) {sorted(content.config_records)}")
+    metrics = _one_metric_record(content)
+    _check_value(WEIGHT_KEY, metrics.get(WEIGHT_KEY), "count")
+    layout = {k: tuple(v.shape) for k, v in base.items()}
+    try:
+        update = record_to_update(records[arrays_key], transport, layout, server_round)
+    except ValueError as exc:
+        raise ReplyRejected(f"encoded update does not decode: {exc}") from None
+    state = {k: base[k].float() + update[k] for k in layout}
+    for key, tensor in state.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise ReplyRejected(f"array {key!r}: base + update overflows to non-finite values")
+        if key.rsplit(".", 1)[-1] == "running_var":  # a cast BN update may round a tiny variance below 0
+            tensor.clamp_(min=0.0)
     return state
 
 

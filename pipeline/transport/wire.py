@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Message
+from flwr.common.serde import array_to_proto, message_to_proto
 
 from models.state import cast_state
 from pipeline.config import RunConfig, TransportConfig, config_from_dict
-from pipeline.transport.update import EncodedUpdate, check_header, decode_update, tensor_chain
+from pipeline.transport.update import EncodedUpdate, check_header, decode_update, tensor_chain, tensor_group
 
 RAW_STYPE = "compactfl.raw"
 #: wire dtype string -> (numpy dtype of the raw buffer, torch dtype it decodes to)
@@ -98,6 +99,28 @@ def to_numpy_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
 def record_nbytes(record: ArrayRecord) -> int:
     """Payload bytes of an ``ArrayRecord`` as Flower counts them (``count_bytes``: buffers + key names)."""
     return int(record.count_bytes())
+
+
+def message_nbytes(msg: Message) -> int:
+    """Bytes of a whole Message as Flower serialises it (protobuf: metadata, every record, array metadata).
+
+    A message that Flower could not serialise (a hand-made record with a value type Flower refuses, as the
+    in-process test grid lets through) counts its array records' payload bytes only."""
+    try:
+        return int(message_to_proto(msg).ByteSize())
+    except (TypeError, ValueError):
+        return sum(int(r.count_bytes()) for r in msg.content.array_records.values()) if msg.has_content() else 0
+
+
+def record_group_nbytes(record: ArrayRecord, transport: TransportConfig) -> dict[str, int]:
+    """Serialised bytes of an ArrayRecord per tensor group (``codec``/``excluded``/``bn``/``header``): each
+    Array's protobuf size (buffer + dtype, shape, stype) plus its key; encoded parts count for their tensor."""
+    out: dict[str, int] = defaultdict(int)
+    for key, array in record.items():
+        name = key.rpartition("/")[0] if "/" in key else key
+        group = "header" if key == HEADER_KEY else tensor_group(name, transport)
+        out[group] += int(array_to_proto(array).ByteSize()) + len(key.encode())
+    return dict(out)
 
 
 def config_to_json(cfg: RunConfig) -> str:

@@ -34,14 +34,18 @@ def test_chains_are_stored_canonically_from_strings_lists_and_split_yaml_lists()
     (["engine.kind=ray", "transport.codec=sign"], "transport.codec: the ray engine encodes gradients with "
                                                   "transport.comm"),
     (["engine.kind=ray", "transport.error_feedback=true"], "transport.error_feedback: applies to library codecs"),
-    (["engine.kind=flower", "transport.codec=sign"], "transport.codec: not applied by the flower engine yet"),
+    (["engine.kind=flower", "transport.error_feedback=true"], "transport.error_feedback: applies only with a "
+                                                              "transport.codec chain"),
+    (["engine.kind=flower", "transport.downlink.kind=delta"], "transport.downlink: not applied by the flower"),
+    (["engine.kind=flower", "engine.strategy=fedmedian", "transport.codec=topk(frac=0.01)"],
+     "engine.strategy fedmedian aggregates coordinate-wise and cannot take sparse updates"),
     (["engine.kind=ray", "transport.comm=sign", "transport.residual_decay=0.5"],
      "transport.residual_decay: applies only with transport.error_feedback"),
     (["engine.kind=ray", "compression={kind: expand, mode: explicit}"],
      "transport.expand_sync: compact needs compression.mode: fused"),
     (["engine.kind=ray", "compression={kind: expand}", "transport.comm=powersgd(2)"],
      "transport.expand_sync: compact does not support comm 'powersgd(2)'"),
-    (["engine.kind=flower", "transport.expand_sync=factors"], "transport.expand_sync: not applied by the flower"),
+    (["engine.kind=flower", "transport.expand_sync=factors"], "transport.expand_sync: used by the ray engine only"),
 ])
 def test_transport_mistakes_are_one_line_config_errors(overrides: list[str], needle: str) -> None:
     with pytest.raises(ConfigError) as err:
