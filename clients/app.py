@@ -1,7 +1,9 @@
 """The Flower ClientApp (Message API): ``flwr run .`` and ``compactfl run`` (flower engine) both load ``app``.
 
-A train message carries the global trainable state (``arrays``) and a ConfigRecord (``config``) holding the
-server's resolved run config as JSON, so every node trains with exactly the server's config, and the
+A train message carries the global trainable state (``arrays``) and a ConfigRecord (``config``) naming the
+server's resolved run config by hash; the first message to a node also carries the JSON, which the node
+caches in its ``Context.state`` (a node without it, e.g. restarted, answers with an error that asks the server
+to resend it), so every node trains with exactly the server's config, and the
 round's learning rates (one per local epoch: the server applies the run's schedule on the global epoch count,
 clients never restart a schedule). The partition comes from the node config (``partition-id`` /
 ``num-partitions``), set by the simulation or by ``flower-supernode --node-config``; a deployed node
@@ -17,31 +19,54 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.flower_client import local_evaluate, local_train
 from clients.node_config import NodeSettings, node_run_config, node_state_folder, read_node_settings
 from clients.transport_client import check_message_header, outgoing_arrays, received_state
 from pipeline.transport.wire import (
+    CONFIG_HASH_KEY,
     CONFIG_KEY,
+    CONFIG_MISSING,
     LRS_KEY,
     config_from_json,
+    config_hash,
     decode_record,
     record_nbytes,
 )
 
 app = ClientApp()
+CONFIG_CACHE = "compactfl-config-cache"
 
 
 def _inputs(msg: Message, context: Context) -> tuple[Any, ArrayRecord, NodeSettings]:
     """The run config this node trains under (server paths replaced by the node's own files when deployed),
     the received arrays, and this node's settings."""
-    config = msg.content["config"]
-    if CONFIG_KEY not in config:
-        raise ValueError(f"message config lacks {CONFIG_KEY!r} (was it sent by the compactfl ServerApp?)")
     node = read_node_settings(dict(context.node_config))
-    return node_run_config(config_from_json(str(config[CONFIG_KEY])), node), msg.content["arrays"], node
+    return node_run_config(config_from_json(run_config_json(msg, context)), node), msg.content["arrays"], node
+
+
+def run_config_json(msg: Message, context: Context) -> str:
+    """The run config JSON a message names: carried by the message (then cached by its hash) or cached."""
+    config = msg.content["config"]
+    cache = context.state.config_records.get(CONFIG_CACHE)
+    if cache is None:
+        cache = context.state[CONFIG_CACHE] = ConfigRecord()
+    if CONFIG_KEY in config:
+        text = str(config[CONFIG_KEY])
+        named = str(config.get(CONFIG_HASH_KEY, config_hash(text)))
+        if named != config_hash(text):
+            raise ValueError(f"message config: {CONFIG_HASH_KEY} {named!r} does not match the config it carries")
+        cache.clear()  # one run config per node
+        cache[named] = text
+        return text
+    if CONFIG_HASH_KEY not in config:
+        raise ValueError(f"message config lacks {CONFIG_KEY!r} (was it sent by the compactfl ServerApp?)")
+    named = str(config[CONFIG_HASH_KEY])
+    if named not in cache:
+        raise ValueError(f"{CONFIG_MISSING}: this node holds no run config {named} (the server resends it)")
+    return str(cache[named])
 
 
 @app.train()

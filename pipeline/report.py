@@ -211,6 +211,37 @@ def comparison_rows(run_dirs: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
+def cumulative_bytes(history: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """(cumulative bytes up + down, test accuracy) after each round/step that carries both."""
+    xs, ys, total = [], [], 0.0
+    for r in history:
+        total += float(sum(r.get(k) or 0 for k in BYTE_KEYS))
+        if r.get("test_accuracy") is not None:
+            xs.append(total)
+            ys.append(float(r["test_accuracy"]))
+    return xs, ys
+
+
+def plot_accuracy_vs_bytes(runs: list[tuple[str, list[dict[str, Any]]]], path: Path) -> bool:
+    """Test accuracy against cumulative bytes (log x) per run; False (nothing written) when no run has bytes."""
+    curves = [(name, *cumulative_bytes(hist)) for name, hist in runs]
+    curves = [(n, xs, ys) for n, xs, ys in curves if xs and xs[-1] > 0]
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, xs, ys in curves:
+        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative bytes (up + down, all clients)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def compare_runs(run_dirs: list[Path], out_dir: Path) -> tuple[list[dict[str, Any]], Path, Path]:
     """Compare runs: write ``comparison.md`` and ``comparison.png`` (test-accuracy curves) into ``out_dir``."""
     out_dir = Path(out_dir)
@@ -219,7 +250,10 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> tuple[list[dict[str, An
     table = _md_table([COLUMN_TITLES.get(c, c) for c in COMPARE_COLUMNS],
                       [[_fmt_cell(c, r[c]) for c in COMPARE_COLUMNS] for r in rows])
     md = out_dir / "comparison.md"
-    md.write_text("# Run comparison\n\n" + table + "\n\n![comparison](comparison.png)\n")
+    histories = [(str(r["name"]), read_metrics(d).get("history", [])) for d, r in zip(run_dirs, rows, strict=True)]
+    pareto = plot_accuracy_vs_bytes(histories, out_dir / "accuracy_vs_bytes.png")
+    md.write_text("# Run comparison\n\n" + table + "\n\n![comparison](comparison.png)\n"
+                  + ("\n![accuracy vs bytes](accuracy_vs_bytes.png)\n" if pareto else ""))
     fig, (ax_acc, ax_size) = plt.subplots(1, 2, figsize=(11, 4))
     for d, r in zip(run_dirs, rows, strict=True):
         hist = read_metrics(d).get("history", [])

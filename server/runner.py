@@ -31,9 +31,11 @@ from pipeline.tracking import track_history
 from pipeline.train import evaluate, lr_at, resolve_device, seed_everything
 from pipeline.transport.update import header
 from pipeline.transport.wire import (
+    CONFIG_HASH_KEY,
     CONFIG_KEY,
     HEADER_KEY,
     LRS_KEY,
+    config_hash,
     config_to_json,
     decode_record,
     encode_state,
@@ -134,11 +136,13 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             restore_rng(ckpt.rng)
             log.info("resume: continuing after round %d from %s", ckpt.round, ckpt_dir)
     cfg_json = config_to_json(cfg)
+    cfg_hash = config_hash(cfg_json)
 
     def round_config(rnd: int) -> ConfigRecord:
-        """What every train/evaluate message of round ``rnd`` carries: the run config, the round's LRs and the
-        transport header (format version, codec chain, dtype) that nodes check against their config."""
-        return ConfigRecord({CONFIG_KEY: cfg_json, LRS_KEY: round_lrs(cfg, rnd),
+        """What every train/evaluate message of round ``rnd`` carries: the run config (its JSON only in the first
+        message to each node, the strategy strips it from later ones), the round's LRs and the transport header
+        (format version, codec chain, dtype) that nodes check against their config."""
+        return ConfigRecord({CONFIG_KEY: cfg_json, CONFIG_HASH_KEY: cfg_hash, LRS_KEY: round_lrs(cfg, rnd),
                              HEADER_KEY: json.dumps(header(cfg.transport, rnd), sort_keys=True)})
 
     def on_round(rnd: int, arrays: ArrayRecord, train_m: MetricRecord | None, eval_m: MetricRecord | None,

@@ -50,6 +50,8 @@ from flwr.serverapp.strategy import (
 from pipeline.config import RunConfig
 from pipeline.data import DataError
 from pipeline.transport.wire import (
+    CONFIG_KEY,
+    CONFIG_MISSING,
     decode_record,
     encode_state,
     message_nbytes,
@@ -119,6 +121,7 @@ class CompactflHooks:
         self._layout, self._base = {}, {}
         self._cfg = cfg
         self._node_partition: dict[int, int] = {}
+        self._config_sent: set[int] = set()  # nodes that were sent the run config JSON (they cache it by hash)
         self.set_num_partitions(eng.clients)
 
     def set_num_partitions(self, num_partitions: int) -> None:
@@ -133,7 +136,16 @@ class CompactflHooks:
         wire = encode_state(master, self.transport_dtype)
         nbytes = record_nbytes(wire)
         for msg in messages:
-            msg.content[ARRAYS_KEY] = wire
+            node = msg.metadata.dst_node_id
+            content = RecordDict({ARRAYS_KEY: wire, **{k: v for k, v in msg.content.items() if k != ARRAYS_KEY}})
+            config = content.config_records.get("config")
+            if config is not None and CONFIG_KEY in config:  # the run config travels once per node
+                config = ConfigRecord(dict(config))
+                if node in self._config_sent:
+                    del config[CONFIG_KEY]
+                self._config_sent.add(node)
+                content["config"] = config
+            msg.content = content
             self.ledger.sent(server_round, msg.metadata.dst_node_id, nbytes, message_nbytes(msg))
         return messages
 
@@ -162,6 +174,8 @@ class CompactflHooks:
                 failed += 1
                 lines = [ln.strip() for ln in str(msg.error.reason).splitlines() if ln.strip()]
                 log.warning("round %d: node %d failed: %s", server_round, node, (lines[-1] if lines else "?")[:300])
+                if CONFIG_MISSING in str(msg.error.reason):
+                    self._config_sent.discard(node)  # it asked for the run config: the next message carries it
                 continue
             arrays = msg.content.array_records.get(ARRAYS_KEY)
             groups = record_group_nbytes(arrays, self._cfg.transport) if arrays is not None and train else None

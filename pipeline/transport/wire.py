@@ -40,6 +40,10 @@ _TORCH_TO_WIRE = {torch_dtype: name for name, (_, torch_dtype) in _RAW.items()}
 #: Array.dtype string of each transport dtype of ``transport.dtype``.
 WIRE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 CONFIG_KEY = "compactfl-config"
+#: every message's config names the run config by this hash; the JSON itself travels once per node
+CONFIG_HASH_KEY = "compactfl-config-hash"
+#: the start of a node's error reason when it lacks the run config a message names (the server resends it)
+CONFIG_MISSING = "run config missing"
 HEADER_KEY = "transport-header"
 #: largest header accepted from a peer (a JSON object of three short fields).
 MAX_HEADER_BYTES = 4096
@@ -126,6 +130,13 @@ def record_group_nbytes(record: ArrayRecord, transport: TransportConfig) -> dict
 def config_to_json(cfg: RunConfig) -> str:
     """The resolved run config as JSON (sent to clients so every node trains with the server's config)."""
     return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+
+
+def config_hash(text: str) -> str:
+    """Short stable name of a run config JSON (sha256 prefix)."""
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def config_from_json(text: str) -> RunConfig:

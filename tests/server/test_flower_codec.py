@@ -10,13 +10,14 @@ import pytest
 import safetensors.torch
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
 
 from clients.app import app as client_app
 from pipeline.config import ConfigError, config_from_dict, load_config
 from pipeline.transport.error_feedback import ErrorFeedback
 from pipeline.transport.node_store import load_residuals, node_state_dir, save_residuals
 from pipeline.transport.update import header
-from pipeline.transport.wire import HEADER_KEY
+from pipeline.transport.wire import CONFIG_KEY, HEADER_KEY
 from server.local_grid import LocalGrid
 from server.runner import run_server
 from tests.hostile_clients import hostile_app
@@ -106,7 +107,7 @@ def test_a_node_skipping_rounds_keeps_its_residual(tmp_path: Path) -> None:
 def _train_message(cfg_raw: dict, head: dict) -> tuple[Message, Context]:
     import models
     from pipeline.modeling import build_training_model
-    from pipeline.transport.wire import CONFIG_KEY, LRS_KEY, config_to_json, encode_state
+    from pipeline.transport.wire import LRS_KEY, config_to_json, encode_state
 
     cfg = config_from_dict(cfg_raw)
     state = models.trainable_state(build_training_model(cfg))
@@ -149,3 +150,23 @@ def test_robust_aggregators_refuse_sparse_codecs_and_take_dense_ones(tmp_path: P
             load_config(None, ["engine.kind=flower", f"engine.strategy={strategy}", "engine.clients=7",
                                "transport.codec=[topk(frac=0.1), qsgd(bits=8)]"])
     load_config(None, ["engine.kind=flower", "engine.strategy=fedmedian", "transport.codec=qsgd(bits=4)"])
+
+
+def test_run_config_travels_once_per_node_and_a_node_that_lost_it_gets_it_again(tmp_path: Path) -> None:
+    carried: list[tuple[int, int, bool]] = []
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        pid, rnd = int(context.node_config["partition-id"]), int(msg.content["config"]["server-round"])
+        carried.append((rnd, pid, CONFIG_KEY in msg.content["config"]))
+        if (rnd, pid) == (2, 1):  # node 1 restarted between rounds: its cache is gone
+            context.state = RecordDict()
+        return client_app(msg, context)
+
+    summary = run(codec_config(tmp_path, rounds=3), app)
+    hist = history(tmp_path / "codec")
+    assert sorted(carried) == [(1, 0, True), (1, 1, True), (1, 2, True), (2, 0, False), (2, 1, False),
+                               (2, 2, False), (3, 0, False), (3, 1, True), (3, 2, False)]
+    assert [r["replies_failed"] for r in hist] == [0, 1, 0] and summary["rounds"] == 3
+    assert hist[1]["message_bytes_down"] < hist[0]["message_bytes_down"]  # no config JSON in round 2
