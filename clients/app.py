@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 from clients.flower_client import local_evaluate, local_train
 from clients.node_config import NodeSettings, node_run_config, node_state_folder, read_node_settings
 from clients.transport_client import check_message_header, outgoing_arrays, received_state
+from pipeline.transport.downlink import BASE_KEY
 from pipeline.transport.wire import (
     CONFIG_HASH_KEY,
     CONFIG_KEY,
@@ -79,12 +80,15 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"train message config lacks {LRS_KEY!r} (was it sent by the compactfl ServerApp?)")
     server_round = int(config["server-round"])
     check_message_header(config, cfg, server_round)
-    base = received_state(cfg, received)
+    folder = node_state_folder(cfg, node)
+    base = received_state(cfg, config, received, server_round=server_round, state_folder=folder)
     state, metrics = local_train(cfg, base, partition_id=pid, num_partitions=n,
                                  server_round=server_round, lrs=[float(x) for x in config[LRS_KEY]],
                                  proximal_mu=float(config.get("proximal-mu", 0.0)))
     reply, _groups = outgoing_arrays(cfg, base, state, partition_id=pid, server_round=server_round,
-                                     state_folder=node_state_folder(cfg, node))
+                                     state_folder=folder)
+    if cfg.transport.downlink.kind == "delta":
+        metrics[BASE_KEY] = server_round  # the round of the model this update is measured against
     metrics.update({"partition-id": pid, "bytes-received": record_nbytes(received), "bytes-sent": record_nbytes(reply)})
     return Message(RecordDict({"arrays": reply, "metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -1,7 +1,8 @@
 """The two seams between a node's model and the wire: what it applies on receipt, and what it sends back.
 
-:func:`received_state` turns a train message's arrays into the state the node trains from (today the full
-global model; a delta downlink or ExpandNet lifting plugs in here). :func:`outgoing_arrays` turns the trained
+:func:`received_state` turns a train message's arrays into the state the node trains from (the full global
+model, or with the ``delta`` downlink the model it holds plus the received change; ExpandNet lifting plugs in
+here). :func:`outgoing_arrays` turns the trained
 state into the ArrayRecord that travels: without a ``transport.codec`` chain the trainable state cast to
 ``transport.dtype``; with one, the **update** ``trained - base`` through the chain (``encode_update``), with
 the node's error-feedback residuals read from and written to its own store
@@ -18,7 +19,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from pipeline.config import RunConfig
 from pipeline.transport.codecs import CodecContext
-from pipeline.transport.node_store import load_residuals, save_residuals
+from pipeline.transport.downlink import BASE_KEY, BASE_MISMATCH, DELTA, FULL, KIND_KEY, apply_delta
+from pipeline.transport.node_store import GLOBAL, load_latest, load_residuals, save_residuals, save_round
 from pipeline.transport.update import check_header, encode_update
 from pipeline.transport.wire import HEADER_KEY, decode_record, encode_state, update_to_record
 
@@ -33,9 +35,30 @@ def check_message_header(config: ConfigRecord, cfg: RunConfig, server_round: int
         raise ValueError(f"node refuses the server's message: {exc}") from None
 
 
-def received_state(cfg: RunConfig, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    """The fp32 state this node trains from (the base its update is measured against)."""
-    return decode_record(arrays)
+def received_state(cfg: RunConfig, config: ConfigRecord, arrays: ArrayRecord, *, server_round: int,
+                   state_folder: Path) -> dict[str, torch.Tensor]:
+    """The fp32 state this node trains from (the base its update is measured against).
+
+    With the ``delta`` downlink: the full model, or the model this node holds plus the received change (a node
+    that does not hold the base the message names refuses with the reason); the result is stored as this
+    round's model in the node's own folder.
+    """
+    if cfg.transport.downlink.kind != "delta":
+        return decode_record(arrays)
+    kind = config.get(KIND_KEY)
+    if kind == DELTA:
+        base_round = int(config[BASE_KEY])
+        held = load_latest(state_folder, GLOBAL, server_round)
+        if held is None or held[0] != base_round:
+            raise ValueError(f"{BASE_MISMATCH}: the delta builds on round {base_round}, this node holds "
+                             f"{'no model' if held is None else f'round {held[0]}'}")
+        state = apply_delta(held[1], arrays, cfg.transport, server_round)
+    elif kind == FULL:
+        state = decode_record(arrays)
+    else:
+        raise ValueError(f"train message config: {KIND_KEY} must be {FULL!r} or {DELTA!r}, got {kind!r}")
+    save_round(state_folder, GLOBAL, server_round, state)
+    return state
 
 
 def outgoing_arrays(cfg: RunConfig, base: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], *,

@@ -361,8 +361,8 @@ def transport_problem(t: TransportConfig, engine: str) -> str | None:
     """Why ``t`` does not fit ``engine`` (None if it does). Keys an engine would ignore are refused, not dropped.
 
     The local engine sends nothing and ignores the section. The Flower engine applies ``dtype`` and, for
-    uploads, the update ``codec`` chain with its per-tensor rules and error feedback (its ``delta`` downlink
-    is not wired yet). The Ray engine applies ``comm`` (and ``error_feedback``/``residual_decay`` with
+    uploads, the update ``codec`` chain with its per-tensor rules and error feedback, and the ``delta``
+    downlink. The Ray engine applies ``comm`` (and ``error_feedback``/``residual_decay`` with
     library codecs).
     """
     d = TransportConfig()
@@ -370,9 +370,14 @@ def transport_problem(t: TransportConfig, engine: str) -> str | None:
         for key in ("comm", "expand_sync"):
             if getattr(t, key) != getattr(d, key):
                 return f"transport.{key}: used by the ray engine only (the flower engine encodes with transport.codec)"
-        if t.downlink != d.downlink:
-            return ("transport.downlink: not applied by the flower engine yet (the server sends the full global "
-                    "model in transport.dtype); remove the key")
+        if t.downlink.kind == "full" and t.downlink != d.downlink:
+            return "transport.downlink: codec and error_feedback apply only with downlink.kind: delta"
+        if t.downlink.kind == "delta" and not t.codec:
+            return ("transport.downlink.kind: delta needs a transport.codec chain (nodes then reply with updates "
+                    "against the model they hold)")
+        if t.downlink.kind == "delta" and not t.downlink.error_feedback:
+            return ("transport.downlink.error_feedback: the delta downlink always carries what its codec dropped "
+                    "into later rounds (server-side error feedback); false is not supported")
         if not t.codec:
             for key in ("error_feedback", "residual_decay", "exclude", "dense_warmup_rounds"):
                 if getattr(t, key) != getattr(d, key):

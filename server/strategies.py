@@ -49,6 +49,7 @@ from flwr.serverapp.strategy import (
 
 from pipeline.config import RunConfig
 from pipeline.data import DataError
+from pipeline.transport.downlink import BASE_KEY, BASE_MISMATCH, KIND_KEY
 from pipeline.transport.wire import (
     CONFIG_KEY,
     CONFIG_MISSING,
@@ -60,6 +61,7 @@ from pipeline.transport.wire import (
     to_numpy_record,
 )
 from server.accounting import ByteLedger
+from server.downlink import DeltaDownlink
 from server.example_weights import SizeOf, capped_weights, partition_sizes
 from server.update_screen import screen_updates
 from server.validation import (
@@ -122,6 +124,7 @@ class CompactflHooks:
         self._cfg = cfg
         self._node_partition: dict[int, int] = {}
         self._config_sent: set[int] = set()  # nodes that were sent the run config JSON (they cache it by hash)
+        self.downlink = DeltaDownlink(cfg.transport, cfg.seed) if cfg.transport.downlink.kind == "delta" else None
         self.set_num_partitions(eng.clients)
 
     def set_num_partitions(self, num_partitions: int) -> None:
@@ -130,23 +133,27 @@ class CompactflHooks:
         self._size_of: SizeOf | None = (partition_sizes(self._cfg, self.num_partitions)
                                         if self.weight_rule == "partition" else None)
 
-    def _to_wire(self, server_round: int, arrays: ArrayRecord, messages: list[Message]) -> list[Message]:
+    def _to_wire(self, server_round: int, arrays: ArrayRecord, messages: list[Message],
+                 train: bool = False) -> list[Message]:
         master = decode_record(arrays)
         self._layout = expected_layout(master, self.transport_dtype)
         wire = encode_state(master, self.transport_dtype)
-        nbytes = record_nbytes(wire)
+        delta = self.downlink if train else None
+        if delta is not None:
+            delta.advance(server_round, master)
         for msg in messages:
             node = msg.metadata.dst_node_id
-            content = RecordDict({ARRAYS_KEY: wire, **{k: v for k, v in msg.content.items() if k != ARRAYS_KEY}})
-            config = content.config_records.get("config")
-            if config is not None and CONFIG_KEY in config:  # the run config travels once per node
-                config = ConfigRecord(dict(config))
+            config = ConfigRecord(dict(msg.content.config_records.get("config", ConfigRecord())))
+            record = wire
+            if delta is not None:  # the shadow's change to a node that holds the previous round, else the shadow
+                record, kind, base_round = delta.payload(node)
+                config[KIND_KEY], config[BASE_KEY] = kind, base_round
+            if CONFIG_KEY in config:  # the run config travels once per node
                 if node in self._config_sent:
                     del config[CONFIG_KEY]
                 self._config_sent.add(node)
-                content["config"] = config
-            msg.content = content
-            self.ledger.sent(server_round, msg.metadata.dst_node_id, nbytes, message_nbytes(msg))
+            msg.content = RecordDict({ARRAYS_KEY: record, "config": config})
+            self.ledger.sent(server_round, node, record_nbytes(record), message_nbytes(msg))
         return messages
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -154,7 +161,7 @@ class CompactflHooks:
         """Flower's sampling and messages, with the arrays cast for transport and their bytes recorded."""
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         self._base = decode_record(arrays)  # the model the clients start from: updates are measured against it
-        return self._to_wire(server_round, arrays, messages)
+        return self._to_wire(server_round, arrays, messages, train=True)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -176,6 +183,8 @@ class CompactflHooks:
                 log.warning("round %d: node %d failed: %s", server_round, node, (lines[-1] if lines else "?")[:300])
                 if CONFIG_MISSING in str(msg.error.reason):
                     self._config_sent.discard(node)  # it asked for the run config: the next message carries it
+                if BASE_MISMATCH in str(msg.error.reason) and self.downlink is not None:
+                    self.downlink.forget(node)  # it lacks the base of the delta: the next message is the full model
                 continue
             arrays = msg.content.array_records.get(ARRAYS_KEY)
             groups = record_group_nbytes(arrays, self._cfg.transport) if arrays is not None and train else None
@@ -186,6 +195,9 @@ class CompactflHooks:
                     state = check_train_update(msg.content, self._base, self._cfg.transport, server_round,
                                                ARRAYS_KEY)
                     record = next(iter(msg.content.metric_records.values()))
+                    if self.downlink is not None and record.get(BASE_KEY) != server_round:
+                        raise ReplyRejected(f"trained from base round {record.get(BASE_KEY)!r}, this round sent "
+                                            f"round {server_round}")
                 elif train:
                     state = check_train_arrays(msg.content, self._layout, ARRAYS_KEY)
                     record = next(iter(msg.content.metric_records.values()))
@@ -297,7 +309,7 @@ class CompactflHooks:
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Strategy state that must survive a restart (FedAdam moments, DP adaptive clipping norm), ``attr/key``."""
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, np.ndarray] = self.downlink.state_arrays() if self.downlink is not None else {}
         for holder in self._state_holders():
             for attr in STATE_ATTRS:
                 value = getattr(holder, attr, None)
@@ -310,6 +322,8 @@ class CompactflHooks:
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         """Inverse of :meth:`state_arrays`."""
+        if self.downlink is not None:
+            self.downlink.load_state_arrays(arrays)
         for attr in (*STATE_ATTRS, *SCALAR_ATTRS):
             prefix = f"{attr}/"
             part = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}

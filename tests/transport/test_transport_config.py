@@ -36,7 +36,10 @@ def test_chains_are_stored_canonically_from_strings_lists_and_split_yaml_lists()
     (["engine.kind=ray", "transport.error_feedback=true"], "transport.error_feedback: applies to library codecs"),
     (["engine.kind=flower", "transport.error_feedback=true"], "transport.error_feedback: applies only with a "
                                                               "transport.codec chain"),
-    (["engine.kind=flower", "transport.downlink.kind=delta"], "transport.downlink: not applied by the flower"),
+    (["engine.kind=flower", "transport.downlink.kind=delta"], "transport.downlink.kind: delta needs a "
+                                                              "transport.codec chain"),
+    (["engine.kind=flower", "transport.codec=sign", "transport.downlink={kind: delta, error_feedback: false}"],
+     "transport.downlink.error_feedback: the delta downlink always carries"),
     (["engine.kind=flower", "engine.strategy=fedmedian", "transport.codec=topk(frac=0.01)"],
      "engine.strategy fedmedian aggregates coordinate-wise and cannot take sparse updates"),
     (["engine.kind=ray", "transport.comm=sign", "transport.residual_decay=0.5"],
