@@ -214,3 +214,11 @@ def test_resume_with_delta_downlink_is_bit_identical(tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     down_a = [r["bytes_down_per_client"] for r in history(tmp_path / "a" / "run")]
     assert down_a[1] < down_a[0] / 2  # round 2 sends the 8-bit change, round 1 the fp32 model
+
+
+def test_dense_warmup_rounds_send_dense_updates_first(tmp_path: Path) -> None:
+    raw = codec_config(tmp_path)
+    raw["transport"]["dense_warmup_rounds"] = 1
+    run(raw)
+    hist = history(tmp_path / "codec")
+    assert hist[0]["bytes_up_codec_per_client"] > 20 * hist[1]["bytes_up_codec_per_client"]
