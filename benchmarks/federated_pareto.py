@@ -59,14 +59,16 @@ def run_variant(cfg: RunConfig) -> dict[str, Any]:
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     dense_acc = results.get(DENSE, {}).get("summary", {}).get("test_accuracy")
-    head = ("| variant | codec | upload / client / round | vs dense fp32 | total bytes (up + down) | test accuracy "
-            "| vs dense (pp) | seconds |\n|---|---|---:|---:|---:|---:|---:|---:|")
+    head = ("| variant | upload codec (dtype) | downlink | upload / client / round | vs dense fp32 "
+            "| total bytes (up + down) | test accuracy "
+            "| vs dense (pp) | seconds |\n|---|---|---|---:|---:|---:|---:|---:|---:|")
     rows = []
     for name, r in results.items():
         s = r["summary"]
         acc = s["test_accuracy"]
         delta = f"{100 * (acc - dense_acc):+.1f}" if dense_acc is not None else "-"
         rows.append(f"| {name} | {s.get('transport_codec', 'none')} ({s.get('transport_dtype')}) | "
+                    f"{s.get('transport_downlink', 'full')} | "
                     f"{human_bytes(s['upload_bytes_per_client_round'])} | {s.get('upload_compression')}x | "
                     f"{human_bytes(s.get('bytes_total'))} | {acc:.4f} | {delta} | {r['seconds']:.0f} |")
     return "\n".join([head, *rows])

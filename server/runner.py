@@ -97,7 +97,10 @@ def upload_compression(history: list[dict[str, Any]], dense_fp32_bytes: int) -> 
     return {"upload_bytes_per_client_round": round(mean_up, 1), "dense_fp32_bytes_per_client": int(dense_fp32_bytes),
             "upload_compression": round(dense_fp32_bytes / mean_up, 2) if mean_up else None,
             "message_bytes_total": int(sum(r.get("message_bytes_up", 0) + r.get("message_bytes_down", 0)
-                                           for r in history))}
+                                           for r in history)),
+            **{f"{key}_round": round(sum(r.get(key, 0) for r in history) / len(history), 1)
+               for key in sorted({k for r in history for k in r if k.startswith("bytes_up_")} - {"bytes_up_per_client"})
+               if history}}
 
 
 def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
@@ -173,6 +176,8 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     extra = {"rounds": len(history), "clients": cfg.engine.clients,
              "strategy": cfg.engine.strategy, "transport_dtype": cfg.transport.dtype,
              "transport_codec": "+".join(cfg.transport.codec) or "none",
+             "transport_downlink": (cfg.transport.downlink.kind if cfg.transport.downlink.kind == "full" else
+                                    f"delta({'+'.join(cfg.transport.downlink.codec) or cfg.transport.dtype})"),
              "payload_bytes_up_per_client": history[-1]["bytes_up_per_client"] if history else 0,
              **upload_compression(history, record_nbytes(encode_state(decode_record(final), "fp32"))),
              "bytes_per_round": [int(r["bytes_up"] + r["bytes_down"]) for r in history],

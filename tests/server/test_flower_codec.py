@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 
 from clients.app import app as client_app
 from pipeline.config import ConfigError, config_from_dict, load_config
+from pipeline.report import summary_rows
 from pipeline.transport.error_feedback import ErrorFeedback
 from pipeline.transport.node_store import load_residuals, node_state_dir, save_residuals
 from pipeline.transport.update import header
@@ -59,6 +60,9 @@ def test_topk_uploads_are_encoded_sizes_far_below_dense_and_residuals_carry(tmp_
     assert groups["codec"] < dense_up / 20 and groups["bn"] > 0 and groups["excluded"] > 0
     assert hist[-1]["message_bytes_up"] > hist[-1]["bytes_up"]
     assert summary["upload_compression"] > 5 and summary["bytes_per_round"]
+    assert summary["bytes_up_codec_per_client_round"] < summary["bytes_up_bn_per_client_round"] * 10
+    rows = {row[0]: row for row in summary_rows(summary)}
+    assert "x smaller than dense fp32" in rows["upload per client per round"][2]
     assert dense["upload_compression"] == pytest.approx(1.0, rel=0.01)
     # error feedback: every node has a residual file per round (two kept), and the residual is nonzero
     for pid in range(3):
