@@ -13,7 +13,7 @@ import torch
 
 import models
 from clients.app import app as client_app
-from clients.node_config import node_run_config, read_node_settings
+from clients.node_config import node_run_config, node_state_folder, read_node_settings
 from pipeline.config import config_from_dict
 from pipeline.data.node_data import node_folder, write_node_partitions
 from server.local_grid import NODE_ID_BASE, LocalGrid
@@ -38,6 +38,19 @@ def test_simulation_nodes_keep_the_run_config_and_partition_keys_are_required(tm
                        ({"partition-id": 0, "num-partitions": 3, "data-dir": 5}, "quoted path")):
         with pytest.raises(ValueError, match=words):
             read_node_settings(bad)
+
+
+def test_node_state_lives_in_the_nodes_own_folder_never_a_server_path(tmp_path: Path) -> None:
+    cfg = config_from_dict(raw_config(tmp_path))
+    sim = read_node_settings({"partition-id": 1, "num-partitions": 3})
+    assert node_state_folder(cfg, sim) == cfg.run_dir / "nodes" / "node-1"
+    own = read_node_settings({"partition-id": 1, "num-partitions": 3, "data-dir": str(tmp_path / "n1"),
+                              "state-dir": str(tmp_path / "state")})
+    assert node_state_folder(cfg, own) == tmp_path / "state"
+    default = read_node_settings({"partition-id": 1, "num-partitions": 3, "data-dir": str(tmp_path / "n1")})
+    assert node_state_folder(cfg, default) == tmp_path / "n1" / "nodes" / "node-1"
+    with pytest.raises(ValueError, match="no 'data-dir'"):
+        read_node_settings({"partition-id": 0, "num-partitions": 3, "state-dir": "/s"})
 
 
 def test_a_deployed_node_replaces_every_server_path_with_its_own(tmp_path: Path) -> None:

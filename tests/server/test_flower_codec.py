@@ -18,7 +18,7 @@ from pipeline.report import summary_rows
 from pipeline.transport.error_feedback import ErrorFeedback
 from pipeline.transport.node_store import load_residuals, node_state_dir, save_residuals
 from pipeline.transport.update import header
-from pipeline.transport.wire import CONFIG_KEY, HEADER_KEY
+from pipeline.transport.wire import CONFIG_KEY, HEADER_KEY, decode_array, encode_tensor
 from server.local_grid import LocalGrid
 from server.runner import run_server
 from tests.hostile_clients import hostile_app
@@ -226,3 +226,14 @@ def test_dense_warmup_rounds_send_dense_updates_first(tmp_path: Path) -> None:
     run(raw)
     hist = history(tmp_path / "codec")
     assert hist[0]["bytes_up_codec_per_client"] > 20 * hist[1]["bytes_up_codec_per_client"]
+
+
+def test_the_screen_sees_decoded_updates_and_clips_an_inflated_encoded_one(tmp_path: Path) -> None:
+    def inflate(reply: Message, _base) -> None:
+        arrays = reply.content["arrays"]
+        for key in [k for k in arrays if k.endswith("/values")]:
+            arrays[key] = encode_tensor(decode_array(arrays[key]) * 1000.0)
+
+    run(codec_config(tmp_path), hostile_app({1: inflate}))
+    hist = history(tmp_path / "codec")
+    assert [r["replies_clipped"] for r in hist] == [1, 1] and all(r["replies_ok"] == 3 for r in hist)
