@@ -4,7 +4,9 @@ the server-side DP clipping wrappers) plus compactfl's hooks.
 :class:`CompactflHooks` is mixed in front of each Flower strategy class (or of Flower's DP wrapper, which
 then wraps a plain Flower strategy); aggregation itself stays Flower's. The hooks:
 - transport: the strategy keeps an fp32 master ``ArrayRecord``; messages carry it cast to
-  ``transport.dtype`` (FedOpt's ``current_arrays`` therefore stay fp32);
+  ``transport.dtype`` (FedOpt's ``current_arrays`` therefore stay fp32), or with the ``delta`` downlink the
+  change of the shadow model to nodes that hold its previous round (:mod:`server.downlink`); the run config
+  JSON goes only into the first message to each node (resent when a node reports it missing);
 - accounting: every ArrayRecord sent and received is measured (:mod:`server.accounting`);
 - decoding: with a ``transport.codec`` chain a train reply is an encoded update; it is decoded (header,
   parts, shapes, finiteness checked) into the fp32 state ``base + update`` before anything else looks at it,

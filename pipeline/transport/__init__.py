@@ -6,6 +6,9 @@
   topk, sign) and their chains;
 - :mod:`pipeline.transport.error_feedback`: per-tensor residuals of what the codecs dropped;
 - :mod:`pipeline.transport.update`: a whole update through the ``transport`` config's per-tensor rules;
+- :mod:`pipeline.transport.downlink`: the ``delta`` downlink (the global model's compressed change) that
+  server and nodes apply with the same operations;
+- :mod:`pipeline.transport.node_store`: a node's own state per round (residuals, the global model it holds);
 - :mod:`pipeline.transport.ddp_hooks`: the DDP communication hooks that count (and compress) the gradient
   bytes each Ray worker sends.
 """
