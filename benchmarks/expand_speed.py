@@ -49,6 +49,7 @@ from benchmarks.bench_common import (  # noqa: E402
     set_threads,
     time_interleaved,
 )
+from models.expand_layers import ExpandedLinear  # noqa: E402
 from models.expandnets import expand, expanded_layers  # noqa: E402
 
 CONFIGS = ("compact", "cl-fused", "ck-fused", "ck+fc-fused", "cl+fc-fused")
@@ -65,7 +66,10 @@ def build(model_name: str, config: str) -> torch.nn.Module:
     if config == "compact":
         return net
     strategy, mode = config.rsplit("-", 1)
-    return expand(net, strategy, rate=4, mode=mode)
+    net = expand(net, strategy, rate=4, mode=mode)
+    if strategy.endswith("fc") and not any(isinstance(m, ExpandedLinear) for _, m in expanded_layers(net)):
+        raise ValueError(f"strategy {strategy!r} expands no Linear layer of {model_name} (only its classifier)")
+    return net
 
 
 def _rss_bytes() -> int:
