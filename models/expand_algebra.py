@@ -61,15 +61,16 @@ def _compose_after_pointwise(w_next: torch.Tensor, k_prev: torch.Tensor, g: int)
 
     W's tap axis sits between the contracted axis and the next filter. With many taps (7x7) a product per
     filter ``A^T @ W[g,o]`` (q x taps) reads W in place and is fastest. With few taps (3x3) those products are
-    thousands of tiny matmuls (and, on CPU, a per-batch copy loop forward and backward), 4x slower on ResNet
-    shapes than copying W into GEMM layout for ONE GEMM per group and permuting the result back; the GEMM's
-    long side goes where it is fastest: ``(o*s) x q @ q x c`` for wide ``c``, else ``c x q @ q x (o*s)``.
+    thousands of tiny matmuls (and, on CPU, a per-batch copy loop forward and backward), several times slower
+    in CPU time on ResNet shapes than copying W into GEMM layout for ONE GEMM per group and permuting the
+    result back; the GEMM's long side goes where it is fastest: ``(o*s) x q @ q x c`` for wide ``c``, else
+    ``c x q @ q x (o*s)``.
     """
     out_ch, q_g, kh, kw = w_next.shape
     o_g, c, taps = out_ch // g, k_prev.shape[1], kh * kw
     a = k_prev.reshape(g, q_g, c)
     w = w_next.reshape(g, o_g, q_g, taps)
-    if taps > 9:  # measured on CPU: 7x7 per-filter products ~10 % faster than the copies + GEMM
+    if taps > 9:  # 7x7: per-filter products measured ~10 % less CPU time than the copies + GEMM
         k = torch.matmul(a.transpose(1, 2).unsqueeze(1), w)  # (g, o, c, taps); W is not copied
         return k.reshape(out_ch, c, kh, kw)
     if c >= 32:
