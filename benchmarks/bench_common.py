@@ -54,6 +54,16 @@ def load_gate(max_load: float, force: bool) -> str:
     return banner
 
 
+def record_gate(args) -> str:  # noqa: ANN001 - the namespace of add_common_arguments
+    """:func:`load_gate`, and a banner too when fewer than 3 repeats leave no spread worth recording."""
+    banner = load_gate(args.max_load, args.force)
+    if args.repeats < 3:
+        note = f"!!! only {args.repeats} repeat(s): no spread to judge, NOT A RECORD (use --repeats 3 or more) !!!"
+        print(note)
+        banner = f"{banner}\n{note}" if banner else note
+    return banner
+
+
 def set_threads(threads: int) -> int:
     """Pin torch's intra-op threads; returns the count torch reports."""
     if threads < 1:

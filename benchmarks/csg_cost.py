@@ -32,9 +32,9 @@ import models  # noqa: E402
 from benchmarks.bench_common import (  # noqa: E402
     StepOptions,
     add_common_arguments,
-    load_gate,
     make_train_step,
     ratio_to,
+    record_gate,
     set_threads,
     time_interleaved,
 )
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.set_defaults(steps=3, warmup=1)
     args = ap.parse_args(argv)
     threads = set_threads(args.threads)
-    banner = load_gate(args.max_load, args.force)
+    banner = record_gate(args)
 
     variants = build_variants(args.model, args.bcsg_code_size, args.seed)
     dense_name = next(iter(variants))

@@ -43,9 +43,9 @@ import models  # noqa: E402
 from benchmarks.bench_common import (  # noqa: E402
     StepOptions,
     add_common_arguments,
-    load_gate,
     make_train_step,
     ratio_to,
+    record_gate,
     set_threads,
     time_interleaved,
 )
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         opts = StepOptions(args.device, args.batch[0], args.amp, args.channels_last)
         print(json.dumps(measure_memory(*args.memory_child, opts)))
         return []
-    banner = load_gate(args.max_load, args.force)
+    banner = record_gate(args)
     print(f"device={args.device} threads={threads} amp={args.amp} channels_last={args.channels_last} "
           f"repeats={args.repeats} steps={args.steps} warmup={args.warmup} torch={torch.__version__}")
     rows = [row for batch in args.batch for model_name in args.models

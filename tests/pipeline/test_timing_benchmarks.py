@@ -3,12 +3,21 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
 import models
 from benchmarks import bench_common
-from benchmarks.bench_common import StepOptions, load_gate, make_train_step, ratio_to, time_interleaved
+from benchmarks.bench_common import (
+    StepOptions,
+    load_gate,
+    make_train_step,
+    ratio_to,
+    record_gate,
+    time_interleaved,
+)
 
 
 def test_load_gate_refuses_above_limit_unless_forced(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # noqa: ANN001
@@ -22,6 +31,10 @@ def test_load_gate_refuses_above_limit_unless_forced(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(bench_common.os, "getloadavg", lambda: (0.4, 0.5, 0.6))
     assert load_gate(1.5, force=False) == ""
     assert "load average 0.40" in capsys.readouterr().out
+    args = argparse.Namespace(max_load=1.5, force=False, repeats=2)
+    assert "NOT A RECORD" in record_gate(args)
+    args.repeats = 3
+    assert record_gate(args) == ""
 
 
 def test_interleaving_and_ratio_statistics() -> None:
