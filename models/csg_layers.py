@@ -53,12 +53,14 @@ class SliceGenerator(nn.Module):
         index = self._users.index(layer)  # modules compare by identity
         key = self._batch_key()
         batch = self._batch
-        if batch is None or batch.key != key or index in batch.taken:
+        if (batch is None or batch.key != key or index in batch.taken
+                or batch.code_keys[index] != _code_key(layer.codes)):
             codes = [u.codes for u in self._users]
             flat = self(torch.cat(codes) if len(codes) > 1 else codes[0])
             # One split node: its backward concatenates the layers' gradients once (slicing per layer would
             # scatter each one into a zero tensor of the whole batch).
-            batch = self._batch = _SharedBatch(key, flat.split([c.shape[0] for c in codes]), set())
+            batch = self._batch = _SharedBatch(key, [_code_key(c) for c in codes],
+                                               flat.split([c.shape[0] for c in codes]), set())
         batch.taken.add(index)
         rows = batch.rows[index]
         if len(batch.taken) == len(self._users):
@@ -70,12 +72,11 @@ class SliceGenerator(nn.Module):
         self._batch = None
 
     def _batch_key(self) -> tuple[Any, ...]:
+        """What every layer's rows depend on besides its own codes: grad mode, autocast, the generator."""
         w = self.weight
         dev = w.device.type
         return (torch.is_grad_enabled(), torch.is_autocast_enabled(dev) if dev in ("cpu", "cuda") else False,
-                w._version, w.data_ptr(), w.dtype, w.requires_grad,
-                tuple((u.codes._version, u.codes.data_ptr(), u.codes.dtype, u.codes.requires_grad)
-                      for u in self._users))
+                _code_key(w))
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -114,13 +115,20 @@ class SliceGenerator(nn.Module):
         return state
 
 
+def _code_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """What identifies a parameter's current values: in-place changes bump ``_version``, moves change storage."""
+    return (t._version, t.data_ptr(), t.dtype, t.requires_grad)
+
+
 class _SharedBatch:
-    """One forward pass's batched generation: the key it was made under, each layer's rows, the layers served."""
+    """One forward pass's batched generation: the key it was made under, each layer's code key and rows, and
+    the layers served (each layer checks only its own codes, so a pass costs O(layers))."""
 
-    __slots__ = ("key", "rows", "taken")
+    __slots__ = ("key", "code_keys", "rows", "taken")
 
-    def __init__(self, key: tuple[Any, ...], rows: tuple[torch.Tensor, ...], taken: set[int]) -> None:
-        self.key, self.rows, self.taken = key, rows, taken
+    def __init__(self, key: tuple[Any, ...], code_keys: list[tuple[Any, ...]], rows: tuple[torch.Tensor, ...],
+                 taken: set[int]) -> None:
+        self.key, self.code_keys, self.rows, self.taken = key, code_keys, rows, taken
 
 
 def slices_per_layer(out_channels: int, in_channels: int, slice_shape: tuple[int, ...]) -> tuple[int, int]:

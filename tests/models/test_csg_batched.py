@@ -80,6 +80,12 @@ def test_two_forwards_backpropagate_separately_and_updates_are_seen() -> None:
     with torch.no_grad():
         layer.codes.mul_(3.0)  # ... then an update: the next request regenerates
     torch.testing.assert_close(layer.generate(), 3.0 * before)
+    other = csg_layers(net)[1][1]  # layer 0 opened a new pass; another layer changes before taking its rows
+    want = other.generate().detach()
+    layer.generate()
+    with torch.no_grad():
+        other.codes.mul_(-1.0)
+    torch.testing.assert_close(other.generate(), -want)
 
 
 def test_partial_pass_survives_copy_pickle_and_data_changes() -> None:
