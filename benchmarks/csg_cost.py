@@ -8,7 +8,7 @@ per-repeat ratio of median step times to dense, with its range. The run refuses 
 1.5 (``--force`` runs anyway and flags the output) and pins ``--threads`` (2 by default). Inputs are random
 tensors: the cost of a step does not depend on pixel values.
 
-    python benchmarks/csg_cost.py                       # batch 128 and 32, 3 repeats of 3 steps, 2 threads
+    python benchmarks/csg_cost.py                       # batch 128 and 32, 3 repeats of 5 steps, 2 threads
     python benchmarks/csg_cost.py --batch 128 --repeats 5 --json out.json
     python benchmarks/csg_cost.py --device cuda --amp --channels-last --steps 20
 """
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bcsg-code-size", type=int, default=1024, help="the paper's ResNet-56 BCSG row uses 1024")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
-    ap.set_defaults(steps=3, warmup=1)
+    ap.set_defaults(steps=5, warmup=1)
     args = ap.parse_args(argv)
     threads = set_threads(args.threads)
     banner = record_gate(args)

@@ -176,8 +176,10 @@ class CSGConv2d(nn.Module):
     submodule (it is registered once, on the model, as ``csg_generator``), so it appears once in
     ``named_parameters()``/``trainable_state()`` however many layers use it.
 
-    Weights are regenerated on every forward in train mode (autograd reaches codes and generator). In eval
-    mode the generated weight is cached and reused until the next train-mode forward, ``invalidate_cache()``
+    Weights are regenerated on every forward in train mode (autograd reaches codes and generator); all layers
+    sharing a generator take their slices from one batched matmul per forward pass
+    (:meth:`SliceGenerator.slices_for`). In eval mode the generated weight is cached and reused until the
+    next train-mode forward, ``invalidate_cache()``
     (called by ``models.load_trainable_state``), ``load_state_dict``, or any in-place change of the codes or
     generator (tracked by their version counters, e.g. an optimizer step), device or dtype. An eval-mode
     forward that needs gradients (grad enabled and codes/generator trainable) regenerates without caching.
