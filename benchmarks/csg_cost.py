@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
 from benchmarks.bench_common import (  # noqa: E402
+    GOAL_BATCH,
     StepOptions,
+    TrainStep,
     add_common_arguments,
-    make_train_step,
     ratio_to,
     record_gate,
     set_threads,
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     timing = []
     for batch in args.batch:
         opts = StepOptions(args.device, batch, args.amp, args.channels_last)
-        steps = {name: make_train_step(net, opts, lr=0.05, weight_decay=5e-4, seed=args.seed)
+        steps = {name: TrainStep(net, opts, lr=0.05, weight_decay=5e-4, seed=args.seed)
                  for name, net in variants.items()}
         times = time_interleaved(steps, args.repeats, args.steps, args.warmup)
         for r in static:
@@ -148,14 +149,15 @@ def main(argv: list[str] | None = None) -> dict:
                                statistics.median(rep) for rep in times[dense_name])})
     if banner:
         print(banner)
-    head = f"{'variant':34s} {'batch':>5s} {'step s':>7s} {'step x [range]':>21s} {'gen +':>6s}  goal (<= {GOAL})"
+    head = (f"{'variant':34s} {'batch':>5s} {'step s':>7s} {'step x [range]':>21s} {'gen +':>6s}  "
+            f"goal (<= {GOAL} at batch {GOAL_BATCH})")
     print(head)
     print("-" * len(head))
     for t in timing:
         verdict = "met" if t["step_ratio"] <= GOAL else "MISSED"
         print(f"{t['variant']:34s} {t['batch']:5d} {t['step_s']:7.3f} {t['step_ratio']:7.3f} "
               f"[{t['step_ratio_min']:.3f}-{t['step_ratio_max']:.3f}] {t['generation_over_dense_step']:6.1%}  "
-              f"{'' if t['variant'] == dense_name else verdict}")
+              f"{'' if t['variant'] == dense_name or t['batch'] != GOAL_BATCH else verdict}")
     print("'gen +': regenerating all CSG filters + their backward alone (the extra work per step), as a fraction "
           "of the dense step at that batch size.")
     if banner:

@@ -12,8 +12,8 @@ import models
 from benchmarks import bench_common
 from benchmarks.bench_common import (
     StepOptions,
+    TrainStep,
     load_gate,
-    make_train_step,
     ratio_to,
     record_gate,
     time_interleaved,
@@ -60,9 +60,19 @@ def test_amp_channels_last_step_trains_reparameterized_nets_on_cpu(strategy: str
         net = models.expand(base, strategy, rate=2)
         factor = net.stages[1][0].chain[0].weight
     before = factor.detach().clone()
-    step = make_train_step(net, StepOptions("cpu", batch=2, amp=True, channels_last=True))
+    step = TrainStep(net, StepOptions("cpu", batch=2, amp=True, channels_last=True))
     step()
     assert not torch.equal(before, factor.detach())  # the bfloat16 forward trained the float32 factors
     assert factor.dtype == torch.float32
     conv_weights = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.dim() == 4]
     assert any(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in conv_weights)
+
+
+def test_memory_counts_training_state_and_step_growth() -> None:
+    from benchmarks.expand_speed import measure_memory
+
+    compact = measure_memory("smallnet7", "compact", StepOptions("cpu", batch=2))
+    fused = measure_memory("smallnet7", "ck+fc-fused", StepOptions("cpu", batch=2))
+    # parameters, gradients and momentum alone: 3 x 4 bytes per parameter
+    assert compact["peak_bytes"] >= 12 * compact["params"] and fused["peak_bytes"] >= 12 * fused["params"]
+    assert fused["peak_bytes"] > compact["peak_bytes"] and compact["saved_bytes"] > 0
