@@ -33,6 +33,50 @@ class SliceGenerator(nn.Module):
         self.code_size = int(code_size)
         self.weight = nn.Parameter(torch.empty(math.prod(slice_shape), self.code_size))
         self.register_buffer("slice_shape", torch.tensor(slice_shape, dtype=torch.int64))
+        self._users: list[CSGConv2d] = []  # the layers whose codes it expands, in attachment order
+        self._batch: _SharedBatch | None = None
+
+    def attach(self, layer: CSGConv2d) -> None:
+        """Register ``layer`` as a user: its codes join the one batched generation per forward pass."""
+        self._users.append(layer)
+        self._batch = None
+
+    def slices_for(self, layer: CSGConv2d) -> torch.Tensor:
+        """``layer``'s flattened slices, from ONE ``codes @ weight.T`` over every attached layer per forward pass.
+
+        The batch is generated when the first layer of a pass asks and released once every attached layer has
+        taken its rows. A layer that asks twice (a new pass, or a layer reused within one), a change of any
+        code or of the generator (version counter, storage, dtype, device), of grad mode or of autocast starts
+        a new batch, so the result always equals ``self(layer.codes)`` and every pass has its own autograd
+        graph (two forwards can be back-propagated separately).
+        """
+        index = self._users.index(layer)  # modules compare by identity
+        key = self._batch_key()
+        batch = self._batch
+        if (batch is None or batch.key != key or index in batch.taken
+                or batch.code_keys[index] != _code_key(layer.codes)):
+            codes = [u.codes for u in self._users]
+            flat = self(torch.cat(codes) if len(codes) > 1 else codes[0])
+            # One split node: its backward concatenates the layers' gradients once (slicing per layer would
+            # scatter each one into a zero tensor of the whole batch).
+            batch = self._batch = _SharedBatch(key, [_code_key(c) for c in codes],
+                                               flat.split([c.shape[0] for c in codes]), set())
+        batch.taken.add(index)
+        rows = batch.rows[index]
+        if len(batch.taken) == len(self._users):
+            self._batch = None  # every layer has its rows: a later request belongs to the next pass
+        return rows
+
+    def release(self) -> None:
+        """Drop the shared batch (parameters were changed in a way version counters cannot see, e.g. ``.data``)."""
+        self._batch = None
+
+    def _batch_key(self) -> tuple[Any, ...]:
+        """What every layer's rows depend on besides its own codes: grad mode, autocast, the generator."""
+        w = self.weight
+        dev = w.device.type
+        return (torch.is_grad_enabled(), torch.is_autocast_enabled(dev) if dev in ("cpu", "cuda") else False,
+                _code_key(w))
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -62,6 +106,29 @@ class SliceGenerator(nn.Module):
                              f"but this model uses code size {self.code_size}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._batch = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave the in-flight batch behind (it may be part of an autograd graph)."""
+        state = super().__getstate__()
+        state["_batch"] = None
+        return state
+
+
+def _code_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """What identifies a parameter's current values: in-place changes bump ``_version``, moves change storage."""
+    return (t._version, t.data_ptr(), t.dtype, t.requires_grad)
+
+
+class _SharedBatch:
+    """One forward pass's batched generation: the key it was made under, each layer's code key and rows, and
+    the layers served (each layer checks only its own codes, so a pass costs O(layers))."""
+
+    __slots__ = ("key", "code_keys", "rows", "taken")
+
+    def __init__(self, key: tuple[Any, ...], code_keys: list[tuple[Any, ...]], rows: tuple[torch.Tensor, ...],
+                 taken: set[int]) -> None:
+        self.key, self.code_keys, self.rows, self.taken = key, code_keys, rows, taken
 
 
 def slices_per_layer(out_channels: int, in_channels: int, slice_shape: tuple[int, ...]) -> tuple[int, int]:
@@ -109,8 +176,10 @@ class CSGConv2d(nn.Module):
     submodule (it is registered once, on the model, as ``csg_generator``), so it appears once in
     ``named_parameters()``/``trainable_state()`` however many layers use it.
 
-    Weights are regenerated on every forward in train mode (autograd reaches codes and generator). In eval
-    mode the generated weight is cached and reused until the next train-mode forward, ``invalidate_cache()``
+    Weights are regenerated on every forward in train mode (autograd reaches codes and generator); all layers
+    sharing a generator take their slices from one batched matmul per forward pass
+    (:meth:`SliceGenerator.slices_for`). In eval mode the generated weight is cached and reused until the
+    next train-mode forward, ``invalidate_cache()``
     (called by ``models.load_trainable_state``), ``load_state_dict``, or any in-place change of the codes or
     generator (tracked by their version counters, e.g. an optimizer step), device or dtype. An eval-mode
     forward that needs gradients (grad enabled and codes/generator trainable) regenerates without caching.
@@ -136,6 +205,7 @@ class CSGConv2d(nn.Module):
         if conv.bias is not None:
             self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=conv.bias.requires_grad)
         self._cache: tuple[Any, torch.Tensor] | None = None
+        generator.attach(self)
 
     @property
     def generator(self) -> SliceGenerator:
@@ -151,8 +221,8 @@ class CSGConv2d(nn.Module):
         return self.in_channels // self.groups * math.prod(self.kernel_size)
 
     def generate(self) -> torch.Tensor:
-        """The filter tensor (out, in, kh, kw) from one matmul of all this layer's codes with the generator."""
-        flat = self.generator(self.codes)
+        """The filter tensor (out, in, kh, kw): this layer's rows of the generator's one batched matmul per pass."""
+        flat = self.generator.slices_for(self)
         return assemble(flat, self.out_channels, self.in_channels, self.slice_shape)
 
     @property
@@ -178,8 +248,9 @@ class CSGConv2d(nn.Module):
         return self._cache[1]
 
     def invalidate_cache(self) -> None:
-        """Drop the eval-mode cached weight (parameters were changed from outside)."""
+        """Drop the eval-mode cached weight and the generator's shared batch (parameters were changed from outside)."""
         self._cache = None
+        self.generator.release()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self._current_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)

@@ -38,19 +38,46 @@ def compose_pair(w_next: torch.Tensor, k_prev: torch.Tensor, groups: int = 1) ->
         )
     g = groups
     out_ch, in_g = w_next.shape[0], k_prev.shape[1]
-    if w_next.shape[-2:] == (1, 1):  # out[g,o,c,ij] = sum_q W[g,o,q] K[g,q,c,ij]: a batched matmul, no copies
-        k = torch.matmul(w_next.reshape(g, out_ch // g, -1), k_prev.reshape(g, k_prev.shape[0] // g, -1))
+    if w_next.shape[-2:] == (1, 1):  # out[g,o,c,ij] = sum_q W[g,o,q] K[g,q,c,ij]: one (batched) matmul, no copies
+        k = _group_matmul(w_next.reshape(g, out_ch // g, -1), k_prev.reshape(g, k_prev.shape[0] // g, -1))
         return k.reshape(out_ch, in_g, *k_prev.shape[-2:])
-    if k_prev.shape[-2:] == (1, 1):  # out[g,o,c,ij] = sum_q K[g,q,c] W[g,o,q,ij]: K^T times each W[g,o] (q x ij)
-        kt = _split_groups(k_prev, g)[..., 0, 0].transpose(1, 2).unsqueeze(1)  # (g, 1, c, q)
-        k = torch.matmul(kt, _split_groups(w_next, g).flatten(3))  # (g, o, c, ij); W is not copied
-        return k.reshape(out_ch, in_g, *w_next.shape[-2:])
+    if k_prev.shape[-2:] == (1, 1):
+        return _compose_after_pointwise(w_next, k_prev, g)
     # conv_transpose2d(input (B, g*Qg, a, b), weight (g*Qg, Cg, c, d), groups=g) -> (B, g*Cg, a+c-1, b+d-1):
     # out[o, c] = sum_q full_conv(w_next[o, q], k_prev[q, c]) within each group; batch B = out_ch / g.
     og, qg, a, b = out_ch // g, w_next.shape[1], w_next.shape[2], w_next.shape[3]
     inp = w_next.reshape(g, og, qg, a, b).transpose(0, 1).reshape(og, g * qg, a, b)
     k = F.conv_transpose2d(inp, k_prev, groups=g)
     return k.reshape(og, g, in_g, *k.shape[-2:]).transpose(0, 1).reshape(out_ch, in_g, *k.shape[-2:])
+
+
+def _group_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` per group for ``(g, m, k) @ (g, k, n)``: a plain GEMM when ``g == 1``."""
+    return torch.mm(a.squeeze(0), b.squeeze(0)).unsqueeze(0) if a.shape[0] == 1 else torch.bmm(a, b)
+
+
+def _compose_after_pointwise(w_next: torch.Tensor, k_prev: torch.Tensor, g: int) -> torch.Tensor:
+    """``out[g,o,c,s] = sum_q W[g,o,q,s] A[g,q,c]``: a kxk layer after a 1x1 one.
+
+    W's tap axis sits between the contracted axis and the next filter. With many taps (7x7) a product per
+    filter ``A^T @ W[g,o]`` (q x taps) reads W in place and is fastest. With few taps (3x3) those products are
+    thousands of tiny matmuls (and, on CPU, a per-batch copy loop forward and backward), several times slower
+    in CPU time on ResNet shapes than copying W into GEMM layout for ONE GEMM per group and permuting the
+    result back; the GEMM's long side goes where it is fastest: ``(o*s) x q @ q x c`` for wide ``c``, else
+    ``c x q @ q x (o*s)``.
+    """
+    out_ch, q_g, kh, kw = w_next.shape
+    o_g, c, taps = out_ch // g, k_prev.shape[1], kh * kw
+    a = k_prev.reshape(g, q_g, c)
+    w = w_next.reshape(g, o_g, q_g, taps)
+    if taps > 9:  # 7x7: per-filter products measured ~10 % less CPU time than the copies + GEMM
+        k = torch.matmul(a.transpose(1, 2).unsqueeze(1), w)  # (g, o, c, taps); W is not copied
+        return k.reshape(out_ch, c, kh, kw)
+    if c >= 32:
+        k = _group_matmul(w.transpose(2, 3).reshape(g, o_g * taps, q_g), a)  # (g, o*s, c)
+        return k.reshape(g, o_g, taps, c).transpose(2, 3).reshape(out_ch, c, kh, kw)
+    k = _group_matmul(a.transpose(1, 2), w.transpose(1, 2).reshape(g, q_g, o_g * taps))  # (g, c, o*s)
+    return k.reshape(g, c, o_g, taps).transpose(1, 2).reshape(out_ch, c, kh, kw)
 
 
 def propagate_bias(w: torch.Tensor, b_prev: torch.Tensor | None, b: torch.Tensor | None,
