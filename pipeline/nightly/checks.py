@@ -28,6 +28,7 @@ DEFAULT_CHECKS: dict[str, dict[str, Any]] = {
     "first_batch_sha": {"kind": "exact"},
     "test_accuracy": {"kind": "band", "k": 3.0, "min_abs": 0.02},
     "test_loss": {"kind": "band", "k": 3.0, "min_rel": 0.03},
+    "teacher_test_accuracy": {"kind": "band", "k": 3.0, "min_abs": 0.02},
     "final_train_loss": {"kind": "band", "k": 3.0, "min_rel": 0.03},
     "wall_seconds": {"kind": "ratio", "tol": 3.0, "min_seconds": 20.0},
     "fedavg_round1_error": {"kind": "limit", "max": 1e-4},

@@ -52,6 +52,7 @@ def plot_trend(history: list[dict[str, Any]], path: Path, metrics: tuple[str, ..
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     runs = sorted({run for rec in history for run in rec.get("runs", {})})
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
@@ -66,7 +67,8 @@ def plot_trend(history: list[dict[str, Any]], path: Path, metrics: tuple[str, ..
         for i in fails:
             ax.axvline(i, color="red", alpha=0.15, lw=4)
         ax.set_title(metric)
-        ax.set_xlabel("nightly #")
+        ax.set_xlabel(f"nightly # (0 = {history[0].get('started', '?')}, red = failed)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -13,8 +13,9 @@ A suite is a folder of run configs plus ``suite.yaml``, which lists every run wi
 A config in the folder that the index does not list, or an index entry without its config, is a config
 error. Besides the run summary, each entry records probes that make silent regressions visible:
 ``train_lr`` (the optimizer's learning rate in the first epoch), ``first_batch_sha`` (checksum of the first
-augmented training batch) and, for in-process FedAvg runs, ``fedavg_round1_error`` (the round-1 global model
-against the num-examples-weighted mean of the replies the grid delivered).
+augmented training batch), ``teacher_test_accuracy`` (of a teacher trained in the run) and, for in-process
+FedAvg runs, ``fedavg_round1_error`` (the round-1 global model against the num-examples-weighted mean of
+the replies the grid delivered).
 """
 
 from __future__ import annotations
@@ -122,6 +123,18 @@ def first_epoch_lr(run_dir: Path) -> float | None:
     return float(lr) if lr is not None else None
 
 
+def teacher_accuracy(cfg: RunConfig, run_dir: Path) -> float | None:
+    """Test accuracy of the teacher a run trained for itself (``<run dir>/teacher``); None without one."""
+    from pipeline.data import test_loader
+    from pipeline.teacher import TEACHER_DIR, load_teacher_checkpoint
+    from pipeline.train import evaluate
+
+    folder = Path(run_dir) / TEACHER_DIR
+    if cfg.teacher is None or cfg.teacher.model is None or not (folder / "model.safetensors").is_file():
+        return None
+    return float(evaluate(load_teacher_checkpoint(folder).eval(), test_loader(cfg))["test_accuracy"])
+
+
 def _recording_grid(client_app: Any, num_nodes: int) -> Any:
     """A LocalGrid that keeps the train replies of round 1 and the model sent in round 2 (the round-1 global)."""
     from server.local_grid import LocalGrid
@@ -203,7 +216,9 @@ def run_entry(entry: SuiteEntry, output: Path, overrides: list[str], seed: int |
         log.debug("%s", traceback.format_exc())
         text = str(exc).strip()
         return {"error": f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"}
-    lr = first_epoch_lr(run_dir)
+    lr, teacher = first_epoch_lr(run_dir), teacher_accuracy(cfg, run_dir)
     if lr is not None:
         probes["train_lr"] = lr
+    if teacher is not None:
+        probes["teacher_test_accuracy"] = teacher
     return {k: summary.get(k) for k in SUMMARY_METRICS if k in summary} | probes | {"seed": cfg.seed}

@@ -58,6 +58,7 @@ def test_calibrated_baseline_records_spread_and_provenance(calibrated: tuple[Pat
     assert local["seeds"] == [1, 2] and len(local["stats"]["test_accuracy"]["values"]) == 2
     assert local["exact"]["train_lr"] == 0.05 and len(local["exact"]["first_batch_sha"]) == 16
     assert doc["runs"]["tiny_flower"]["exact"]["bytes_total"] > 0
+    assert "teacher_test_accuracy" in doc["runs"]["tiny_kd"]["stats"]
 
     out = tmp_path / "n1"
     assert _nightly(suite, baseline, out) == 0, "an unchanged seeded suite must pass against its own baseline"
