@@ -150,6 +150,13 @@ def test_fails_loudly_on_missing_or_stale_baseline(calibrated: tuple[Path, Path]
         assert _nightly(suite, baseline, tmp_path / "c") == 2  # a config not listed in suite.yaml
     finally:
         (suite / "extra.yaml").unlink()
+    index = (suite / "suite.yaml").read_text()
+    (suite / "suite.yaml").write_text(index + "  vanished: {}\n")  # listed, but its config is gone
+    try:
+        assert _nightly(suite, baseline, tmp_path / "c2") == 2
+    finally:
+        (suite / "suite.yaml").write_text(index)
+    assert "vanished" in capsys.readouterr().err
     assert _nightly(suite, baseline, tmp_path / "d", "--only", "nope") == 2
     assert _nightly(suite, baseline, tmp_path / "e", "--set", "train.lr=-1") == 2
 
