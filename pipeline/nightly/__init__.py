@@ -86,7 +86,7 @@ def run_nightly(suite: Path, baseline: Path, output: Path, overrides: list[str] 
             print("nightly: no baseline written: " + "; ".join(reasons))
             base: dict[str, Any] = {"runs": calibrated}
         else:
-            base = write_baseline(baseline, calibrated, previous, suite_runs, calibrate, str(suite))
+            base = write_baseline(baseline, calibrated, previous, suite_runs, calibrate, str(suite), overrides)
             log.info("baseline written to %s", baseline)
             print(calibration_table(base, ("test_accuracy", "test_loss", "final_train_loss", "wall_seconds")))
     else:

@@ -89,10 +89,10 @@ def summarize(per_seed: list[dict[str, Any]], checks: dict[str, dict[str, Any]])
 
 
 def write_baseline(path: Path, entries: dict[str, dict[str, Any]], previous: dict[str, Any] | None,
-                   suite_runs: list[str], seeds: int, suite: str) -> dict[str, Any]:
+                   suite_runs: list[str], seeds: int, suite: str, overrides: list[str]) -> dict[str, Any]:
     """Write the calibrated ``entries`` (keeping earlier entries of runs still in the suite); returns the doc."""
     made_by = {**provenance(), "command": f"compactfl nightly --calibrate {seeds}", "seeds_per_run": seeds,
-               "suite": suite}
+               "suite": suite, "overrides": overrides}
     runs = {k: v for k, v in (previous or {}).get("runs", {}).items() if k in suite_runs}
     # each entry keeps when and where it was calibrated (``--only`` recalibrates a few and keeps the rest)
     runs.update({k: {**v, "calibrated": {x: made_by[x] for x in ("commit", "date", "host", "loadavg_1min")}}
