@@ -230,11 +230,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
-    """``compactfl nightly``: run the seeded suite, compare with the baseline, exit 1 on regressions."""
-    from pipeline.nightly import run_nightly
+    """``compactfl nightly``: run the seeded suite and check it (exit 1 on a regression or failure);
+    ``--calibrate N`` records the baseline from N seeds per run instead."""
+    from pipeline.nightly import NightlyFailure, run_nightly
 
-    ok = run_nightly(suite=Path(args.suite), baseline=Path(args.baseline), output=Path(args.output),
-                     overrides=args.set, update_baseline=args.update_baseline, only=args.only)
+    try:
+        ok = run_nightly(suite=Path(args.suite), baseline=Path(args.baseline), output=Path(args.output),
+                         overrides=args.set, only=args.only, calibrate=args.calibrate)
+    except NightlyFailure as exc:
+        print(f"nightly: FAIL: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -315,10 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     pt.set_defaults(func=cmd_partition)
 
     n = sub.add_parser("nightly", help="seeded regression suite compared with a baseline")
-    n.add_argument("--suite", default="configs/nightly", help="folder of suite configs")
+    n.add_argument("--suite", default="configs/nightly", help="suite folder: configs + suite.yaml")
     n.add_argument("--baseline", default="regression/baseline.json")
     n.add_argument("--output", default="runs/nightly", help="folder for the suite's run dirs and reports")
-    n.add_argument("--update-baseline", action="store_true", help="write the measured metrics as the baseline")
+    n.add_argument("--calibrate", type=int, default=0, metavar="N",
+                   help="record the baseline: run each suite entry with N seeds (mean and spread per metric)")
     n.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every suite run")
     n.add_argument("--only", action="append", default=None, metavar="NAME", help="run only these suite entries")
     n.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS)

@@ -368,7 +368,7 @@ def test_nightly_logs_every_suite_run_under_one_experiment(tmp_path: Path, store
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Nightly's wiring, with the training replaced by a two-epoch history (the store is real)."""
     import pipeline.engines
-    from pipeline.nightly import NIGHTLY_EXPERIMENT, run_suite_entry
+    from pipeline.nightly.suite import NIGHTLY_EXPERIMENT, SuiteEntry, SuiteRun, run_entry
 
     def fake_engine(cfg, run_dir):
         history = [{"epoch": 1, "test_accuracy": 0.25}, {"epoch": 2, "test_accuracy": 0.5}]
@@ -381,7 +381,8 @@ def test_nightly_logs_every_suite_run_under_one_experiment(tmp_path: Path, store
     suite.mkdir()
     for name in ("a", "b"):
         (suite / f"{name}.yaml").write_text(yaml.safe_dump({"model": {"name": "smallnet3"}}))
-        assert "error" not in run_suite_entry(suite / f"{name}.yaml", store.parent, [])  # runs go to store
+        entry = SuiteEntry(name, suite / f"{name}.yaml", SuiteRun())
+        assert "error" not in run_entry(entry, store.parent, [])  # runs go to store
     client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
     exp = client.get_experiment_by_name(NIGHTLY_EXPERIMENT)
     runs = client.search_runs([exp.experiment_id])
