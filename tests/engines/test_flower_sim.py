@@ -24,6 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 FAULTS = {1: "raise", 2: "nan", 4: "shape"}
 SCRIPT = f"FAULTS = {FAULTS!r}\n" + """
 import json, sys
+import torch
+torch.set_num_threads(1)  # the in-process half runs under conftest's single thread: same reductions, same bits
 from pipeline.config import config_from_dict
 from pipeline.engines.flower import run_flower
 from tests.fault_injection import faulty_client_app

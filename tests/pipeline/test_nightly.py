@@ -83,14 +83,14 @@ def test_planted_regressions_fail_and_name_runs_and_metrics(calibrated: tuple[Pa
     suite, baseline = calibrated
     cases = {}
 
-    # 1. the learning rate silently halved in the optimizer factory
-    orig_opt = train.build_optimizer
+    # 1. the learning rate silently halved in the schedule every engine reads (pipeline.train.lr_at)
+    orig_lr_at = train.lr_at
 
-    def half_lr(model, cfg):
-        return orig_opt(model, cfg.model_copy(update={"lr": cfg.lr / 2}))
+    def half_lr(cfg, epoch, horizon=None):
+        return orig_lr_at(cfg, epoch, horizon) / 2
 
     with monkeypatch.context() as m:
-        m.setattr(train, "build_optimizer", half_lr)
+        m.setattr(train, "lr_at", half_lr)
         assert _nightly(suite, baseline, tmp_path / "lr") == 1
     cases["lr"] = _failures(tmp_path / "lr")
     assert ("tiny_local", "train_lr") in cases["lr"] and ("tiny_kd", "train_lr") in cases["lr"]
