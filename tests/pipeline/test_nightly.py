@@ -192,8 +192,8 @@ def test_repo_suite_and_baseline_agree() -> None:
     assert all(e.spec.min.get("test_accuracy", 0) >= 0.25 for e in entries), "every run must clear chance"
     baseline = json.loads((REPO / "regression" / "baseline.json").read_text())
     names = [e.name for e in entries]
-    # no stale entry, suite order, well formed (nightly itself fails on a suite run without an entry)
-    assert list(baseline["runs"]) == [n for n in names if n in baseline["runs"]], "recalibrate: --calibrate 3"
+    # every suite run has an entry, no stale entry, suite order (nightly itself fails on a missing entry)
+    assert list(baseline["runs"]) == names, "recalibrate: compactfl nightly --calibrate 3"
     for run, entry in baseline["runs"].items():
         assert entry["stats"]["test_accuracy"]["mean"] >= {e.name: e for e in entries}[run].spec.min["test_accuracy"]
         assert entry["exact"]["params_deploy"] > 0 and entry["seeds"]
