@@ -66,8 +66,11 @@ def _run(rank: int, model: nn.Module, spec: str, bucket_cap_mb: float, gathered:
 
 
 def _worker(rank: int, store_path: str, out_dir: str) -> None:
+    import os
+
     import pipeline.transport.ddp_hooks as hooks
 
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # both ranks on loopback, whatever the hostname resolves to
     store = dist.FileStore(store_path, WORLD)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
     gathered: list = []
