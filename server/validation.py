@@ -63,17 +63,22 @@ def check_reply(content: RecordDict, layout: dict[str, ArraySpec], arrays_key: s
         return None, str(exc)
 
 
-def check_train_arrays(content: RecordDict, layout: dict[str, ArraySpec], arrays_key: str = "arrays"
-                       ) -> dict[str, torch.Tensor]:
-    """The decoded fp32 state of a train reply (structure, weight, arrays, BN variances); raises ReplyRejected."""
+def _train_reply_arrays(content: RecordDict, arrays_key: str) -> ArrayRecord:
+    """The one ArrayRecord of a train reply whose structure and example count check out; raises ReplyRejected."""
     records = content.array_records
     if set(records) != {arrays_key}:
         raise ReplyRejected(f"expected exactly one ArrayRecord named {arrays_key!r}, got {sorted(records)}")
     if set(content) != {arrays_key, *content.metric_records}:
         raise ReplyRejected(f"unexpected ConfigRecord(s) {sorted(content.config_records)}")
-    metrics = _one_metric_record(content)
-    _check_value(WEIGHT_KEY, metrics.get(WEIGHT_KEY), "count")
-    state = decode_arrays(records[arrays_key], layout)
+    _check_value(WEIGHT_KEY, _one_metric_record(content).get(WEIGHT_KEY), "count")
+    return records[arrays_key]
+
+
+def check_train_arrays(content: RecordDict, layout: dict[str, ArraySpec], arrays_key: str = "arrays"
+                       ) -> dict[str, torch.Tensor]:
+    """The decoded fp32 state of a train reply (structure, weight, arrays, BN variances); raises ReplyRejected."""
+    record = _train_reply_arrays(content, arrays_key)
+    state = decode_arrays(record, layout)
     check_bn_variances(state)
     return state
 
@@ -82,16 +87,10 @@ def check_train_update(content: RecordDict, base: dict[str, torch.Tensor], trans
                        server_round: int, arrays_key: str = "arrays") -> dict[str, torch.Tensor]:
     """The decoded fp32 state ``base + update`` of a train reply carrying an encoded update (structure, weight,
     header, parts, BN variances); raises ReplyRejected naming what does not decode."""
-    records = content.array_records
-    if set(records) != {arrays_key}:
-        raise ReplyRejected(f"expected exactly one ArrayRecord named {arrays_key!r}, got {sorted(records)}")
-    if set(content) != {arrays_key, *content.metric_records}:
-        raise ReplyRejected(f"unexpected ConfigRecord(s) {sorted(content.config_records)}")
-    metrics = _one_metric_record(content)
-    _check_value(WEIGHT_KEY, metrics.get(WEIGHT_KEY), "count")
+    record = _train_reply_arrays(content, arrays_key)
     layout = {k: tuple(v.shape) for k, v in base.items()}
     try:
-        update = record_to_update(records[arrays_key], transport, layout, server_round)
+        update = record_to_update(record, transport, layout, server_round)
     except ValueError as exc:
         raise ReplyRejected(f"encoded update does not decode: {exc}") from None
     state = {k: base[k].float() + update[k] for k in layout}
