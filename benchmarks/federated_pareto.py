@@ -48,11 +48,55 @@ def variant_config(path: Path, args: argparse.Namespace) -> RunConfig:
     return load_config(path, sets)
 
 
-def run_variant(cfg: RunConfig) -> dict[str, Any]:
-    """Train one variant to the end; returns its summary and history."""
+def finished(cfg: RunConfig) -> dict[str, Any] | None:
+    """A variant this output folder already holds at the asked number of rounds (reused, not re-run)."""
+    metrics = cfg.run_dir / "metrics.json"
+    if not metrics.exists():
+        return None
+    done = json.loads(metrics.read_text())
+    if done["summary"].get("rounds") != cfg.engine.rounds:
+        return None
+    return {"summary": done["summary"], "history": done["history"], "seconds": done["summary"]["wall_seconds"]}
+
+
+class DroppingClient:
+    """The real ClientApp, except that one partition does not answer train messages for some rounds.
+
+    Benchmark-only (not a config key): the node's reply is an error, which the server treats as a missing
+    reply; when it comes back its downlink base and error-feedback residual are stale, as a real node's are.
+    """
+
+    def __init__(self, partition: int, first: int, last: int) -> None:
+        self.partition, self.first, self.last = partition, first, last
+
+    def __call__(self, message: Any, context: Any) -> Any:
+        server_round = int(message.content["config"]["server-round"]) if "config" in message.content else 0
+        if (message.metadata.message_type == "train" and context.node_config["partition-id"] == self.partition
+                and self.first <= server_round <= self.last):
+            raise ConnectionError(f"partition {self.partition} is offline in round {server_round}")
+        return client_app(message, context)
+
+
+def parse_dropout(spec: str) -> tuple[str, DroppingClient]:
+    """``STEM:PARTITION:FIRST-LAST`` (e.g. ``smallnet7_topk1_q8_ef:3:6-10``) -> (variant stem, client)."""
+    try:
+        stem, part, rounds = spec.split(":")
+        first, last = (int(x) for x in rounds.split("-"))
+        return stem, DroppingClient(int(part), first, last)
+    except ValueError:
+        raise SystemExit(f"--dropout {spec!r}: expected STEM:PARTITION:FIRST-LAST, "
+                         "e.g. smallnet7_dense:3:6-10") from None
+
+
+def run_variant(cfg: RunConfig, app: Any = client_app) -> dict[str, Any]:
+    """Train one variant to the end (continuing an interrupted run from its checkpoint); returns its results."""
+    if (done := finished(cfg)) is not None:
+        return done
+    if (cfg.run_dir / "checkpoints").exists():
+        cfg = cfg.model_copy(update={"resume": True})
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    summary = run_server(LocalGrid(client_app, cfg.engine.clients), cfg, cfg.run_dir)
+    summary = run_server(LocalGrid(app, cfg.engine.clients), cfg, cfg.run_dir)
     history = json.loads((cfg.run_dir / "metrics.json").read_text())["history"]
     return {"summary": summary, "history": history, "seconds": time.perf_counter() - started}
 
@@ -83,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-limit", type=int, default=0)
     parser.add_argument("--max-batches", type=int, default=0, help="smoke runs only: batches per local epoch")
     parser.add_argument("--variants", nargs="*", default=None, help="config stems (default: all)")
+    parser.add_argument("--dropout", default=None, metavar="STEM:PARTITION:FIRST-LAST",
+                        help="also run variant STEM with one partition offline for rounds FIRST..LAST")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "pareto")
     args = parser.parse_args(argv)
+    dropout = parse_dropout(args.dropout) if args.dropout else None
     paths = sorted(VARIANT_DIR.glob("*.yaml"))
     if args.variants:
         paths = [p for p in paths if p.stem in set(args.variants)]
@@ -96,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         results[path.stem] = run_variant(variant_config(path, args))
         print(f"  test accuracy {results[path.stem]['summary']['test_accuracy']:.4f}, upload/client/round "
               f"{results[path.stem]['summary']['upload_bytes_per_client_round']:.0f} B", flush=True)
+    if dropout is not None:
+        stem, dropping = dropout
+        name = f"{stem}+dropout{dropping.partition}@{dropping.first}-{dropping.last}"
+        cfg = variant_config(VARIANT_DIR / f"{stem}.yaml", args)
+        cfg = cfg.model_copy(update={"name": f"{name}-s{args.seed}"})
+        print(f"running {name} ...", flush=True)
+        results[name] = run_variant(cfg, dropping)
     md = table(results)
     (args.out / "pareto.md").write_text(f"# Federated accuracy for bytes ({args.rounds} rounds, seed {args.seed})\n\n"
                                         f"{md}\n\n![accuracy vs bytes](accuracy_vs_bytes.png)\n")
