@@ -4,6 +4,9 @@ The update is a random normal tensor per trainable tensor of the model (what tra
 the values for the fixed-size codecs; top-k index bytes depend on the support, which is random here, the
 worst case for gap coding). Biases, BN and the classifier follow the ``transport.exclude`` rule given, BN
 running statistics travel cast in ``--dtype``. Times are medians over ``--repeats``; print the load beside them.
+Beside them, in the same run, one client's local round is timed with the project's training loop
+(``--train-images`` CIFAR-shaped samples, batch 64, SGD): the codec's share of a round is
+(encode + decode) / local training, the goal of issue #13 being < 5%.
 
     python benchmarks/codec_cost.py                                  # smallnet7 and resnet20
     python benchmarks/codec_cost.py --models resnet56 --repeats 5 --json out.json
@@ -24,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
-from pipeline.config import TransportConfig  # noqa: E402
+from pipeline.config import TrainConfig, TransportConfig  # noqa: E402
+from pipeline.train import build_optimizer, train_epoch  # noqa: E402
 from pipeline.transport.codecs import CodecContext  # noqa: E402
 from pipeline.transport.error_feedback import ErrorFeedback  # noqa: E402
 from pipeline.transport.update import decode_encoded, encode_update  # noqa: E402
@@ -52,6 +56,16 @@ def measure(model_name: str, chain: str, args: argparse.Namespace) -> dict:
             "encode_decode_ms": round(1e3 * statistics.median(times), 1)}
 
 
+def local_round_seconds(model_name: str, images: int) -> float:
+    """Wall seconds of one local epoch over ``images`` CIFAR-shaped samples (batch 64, SGD, the shared loop)."""
+    torch.manual_seed(0)
+    model = models.build(model_name, num_classes=10)
+    x, y = torch.randn(images, 3, 32, 32), torch.randint(0, 10, (images,))
+    batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, images, 64)]
+    optimizer = build_optimizer(model, TrainConfig(lr=0.05, momentum=0.9, batch_size=64))
+    return train_epoch(model, batches, optimizer).seconds
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["smallnet7", "resnet20"])
@@ -60,15 +74,23 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--train-images", type=int, default=5000,
+                   help="samples in the timed local round (5,000 = one of 10 CIFAR-10 clients' epoch)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    train_ms = {m: 1e3 * local_round_seconds(m, args.train_images) for m in args.models}
     rows = [measure(m, c, args) for m in args.models for c in args.chains]
-    load = os.getloadavg()[0]
-    print(f"| model | codec | bytes | x fewer than fp32 | encode+decode ms |  (load {load:.2f})")
-    print("|---|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | `{r['codec']}` | {r['bytes']:,} | {r['factor_vs_fp32']} | {r['encode_decode_ms']} |")
+        r["local_round_ms"] = round(train_ms[r["model"]], 1)
+        r["share_of_local_round_pct"] = round(100 * r["encode_decode_ms"] / train_ms[r["model"]], 2)
+    load = os.getloadavg()[0]
+    print(f"| model | codec | bytes | x fewer than fp32 | encode+decode ms | local round ms "
+          f"({args.train_images} images) | share |  (load {load:.2f})")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | `{r['codec']}` | {r['bytes']:,} | {r['factor_vs_fp32']} | {r['encode_decode_ms']} "
+              f"| {r['local_round_ms']:.0f} | {r['share_of_local_round_pct']}% |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "load": load, "rows": rows}, indent=2))
 
