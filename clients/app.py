@@ -10,7 +10,9 @@ clients never restart a schedule). The partition comes from the node config (``p
 (``data-dir`` in its node config) reads its data, teacher and generator only from its node config
 (``clients/node_config.py``), never from paths in the message. Replies carry only the trainable state,
 cast to ``transport.dtype`` (or, with a ``transport.codec`` chain, the encoded update ``trained - base``:
-``clients/transport_client.py``), plus metrics including the bytes received and sent. A train message also
+``clients/transport_client.py``), plus metrics including the bytes received and sent. ExpandNets under
+``transport.communicate: compact`` receive and send the compact wire layout and keep their own factors
+(``pipeline/transport/compact_space.py``). A train message also
 carries the server's transport header (format version, codec chain, dtype): a node refuses a mismatch with
 its own run config, with the reason, as an error reply.
 """

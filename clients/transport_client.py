@@ -1,8 +1,8 @@
 """The two seams between a node's model and the wire: what it applies on receipt, and what it sends back.
 
 :func:`received_state` turns a train message's arrays into the state the node trains from (the full global
-model, or with the ``delta`` downlink the model it holds plus the received change; ExpandNet lifting plugs in
-here). :func:`outgoing_arrays` turns the trained
+model, or with the ``delta`` downlink the model it holds plus the received change); :func:`node_receiver` says
+how it enters the node's model. :func:`outgoing_arrays` turns the trained
 state into the ArrayRecord that travels: without a ``transport.codec`` chain the trainable state cast to
 ``transport.dtype``; with one, the **update** ``trained - base`` through the chain (``encode_update``), with
 the node's error-feedback residuals read from and written to its own store

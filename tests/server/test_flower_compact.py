@@ -81,19 +81,26 @@ def test_upload_bytes_are_the_compact_nets_plus_the_fallback_factors(tmp_path: P
 
 def test_upload_bytes_under_a_codec_chain_shrink_with_the_compact_layout(tmp_path: Path) -> None:
     codec = ["topk(frac=0.1)", "qsgd(bits=8,block=256)"]
-    compact = run(expand_config(tmp_path, "compact", rounds=1, codec=codec))
+    compact = run(expand_config(tmp_path, "compact", codec=codec, downlink={"kind": "delta", "codec": codec}))
     factors = run(expand_config(tmp_path, "factors", communicate="factors", rounds=1, codec=codec))
-    up = history(tmp_path / "compact")[0]["bytes_up_codec_per_client"]
-    assert 2 * up < history(tmp_path / "factors")[0]["bytes_up_codec_per_client"]
+    up = [r["bytes_up_codec_per_client"] for r in history(tmp_path / "compact")]
+    assert 2 * max(up) < history(tmp_path / "factors")[0]["bytes_up_codec_per_client"]
     assert compact["payload_bytes_up_per_client"] < factors["payload_bytes_up_per_client"]
+    # round 2 went down as a delta of the compact layout (far below the full layout of round 1)
+    down = [r["bytes_down_per_client"] for r in history(tmp_path / "compact")]
+    assert 3 * down[1] < down[0] and compact["rounds"] == 2
 
 
 @pytest.mark.parametrize("strategy", ["ck", "cl"])
 def test_compact_run_learns_deploys_the_global_layout_and_nodes_hold_lifted_factors(tmp_path: Path,
                                                                                     strategy: str) -> None:
     raw = expand_config(tmp_path, "run", strategy=strategy)
+    if strategy == "cl":  # evaluate messages carry the global layout too: each node evaluates its materialisation
+        raw["engine"]["evaluate_fraction"] = 1.0
     summary = run(raw)
     hist = history(tmp_path / "run")
+    if strategy == "cl":  # the nodes' test shards cover the test set: their weighted accuracy is the server's
+        assert hist[-1]["federated_test_accuracy"] == pytest.approx(hist[-1]["test_accuracy"], abs=1e-9)
     assert summary["rounds"] == 2 and hist[-1]["train_loss"] < hist[0]["train_loss"] + 1.0
     assert all(0 <= r["lift_residual"] < 1e-4 for r in hist)
     # the deployed model is the materialised global layout: its evaluation is the server's last evaluation
