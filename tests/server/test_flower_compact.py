@@ -171,3 +171,29 @@ def test_resume_fingerprint_holds_the_effective_mode_and_reads_older_checkpoints
     check_resume(older, factors, "ckpt")
     with pytest.raises(ResumeError, match="transport.communicate \\('factors', now 'compact'\\)"):
         check_resume(older, compact, "ckpt")
+
+
+def test_nodes_that_skip_rounds_or_join_late_lift_into_their_own_or_the_seeded_factors(tmp_path: Path) -> None:
+    raw = expand_config(tmp_path, "turns", strategy="cl", rounds=3)
+    raw["engine"]["fraction"] = 0.34  # one node per round: the others skip it, some train first in round 2 or 3
+    run(raw)
+    hist = history(tmp_path / "turns")
+    assert [r["replies_ok"] for r in hist] == [1, 1, 1] and all(r["lift_residual"] < 1e-4 for r in hist)
+    trained = {}
+    for pid in range(3):
+        folder = node_state_dir(tmp_path / "turns", pid)
+        trained[pid] = sorted(int(p.stem.rsplit("-", 1)[1]) for p in folder.glob("factors-round-*.safetensors"))
+    rounds = sorted(r for rs in trained.values() for r in rs)
+    assert rounds == [1, 2, 3], trained
+    assert any(rs and rs[0] > 1 for rs in trained.values()), trained  # a node without factors joined late
+
+
+def test_receive_refuses_a_state_of_another_layout(tmp_path: Path) -> None:
+    space = compact_space(config_from_dict(expand_config(tmp_path, "keys")))
+    wire = space.wire_state(space.template)
+    with pytest.raises(ValueError, match="missing key 'stages.0.0.chain.0.weight'"):
+        space.receive(space.holding(models.trainable_state(space.template)),
+                      {k: v for k, v in wire.items() if k != "stages.0.0.chain.0.weight"})
+    with pytest.raises(ValueError, match="unexpected key 'stages.0.0.weight'"):
+        space.receive(space.holding(models.trainable_state(space.template)),
+                      wire | {"stages.0.0.weight": torch.zeros(8, 3, 7, 7)})
