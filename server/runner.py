@@ -192,6 +192,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
              "strategy": cfg.engine.strategy, "transport_dtype": cfg.transport.dtype,
              "transport_codec": "+".join(cfg.transport.codec) or "none",
              "transport_communicate": communicate_mode(cfg) or "n/a",
+             **({"transport_factor_layers": ",".join(space.layout.fallback) or "none"} if space is not None else {}),
              "transport_downlink": (cfg.transport.downlink.kind if cfg.transport.downlink.kind == "full" else
                                     f"delta({'+'.join(cfg.transport.downlink.codec) or cfg.transport.dtype})"),
              "payload_bytes_up_per_client": history[-1]["bytes_up_per_client"] if history else 0,

@@ -77,6 +77,7 @@ def test_upload_bytes_are_the_compact_nets_plus_the_fallback_factors(tmp_path: P
     assert expected - net_bytes == pytest.approx(factor_bytes - 4 * (8 * 3 * 49 + 8), abs=200)  # key names aside
     assert factors["payload_bytes_up_per_client"] > 2 * compact["payload_bytes_up_per_client"]
     assert compact["transport_communicate"] == "compact" and factors["transport_communicate"] == "factors"
+    assert compact["transport_factor_layers"] == "stages.0.0" and "transport_factor_layers" not in factors
 
 
 def test_upload_bytes_under_a_codec_chain_shrink_with_the_compact_layout(tmp_path: Path) -> None:
