@@ -55,7 +55,8 @@ def make_config(args: argparse.Namespace, variant: str, out: Path) -> RunConfig:
         "model": {"name": args.model}, "compression": compression,
         "engine": {"kind": "flower", "rounds": args.rounds, "clients": args.clients, "min_train_nodes": 1,
                    "local_epochs": args.local_epochs, "strategy": "fedavg"},
-        "transport": {"dtype": dtype},
+        # the plain loop averages whole trainable states: ExpandNets send their factors in both (like with like)
+        "transport": {"dtype": dtype, **({"communicate": "factors"} if compression["kind"] == "expand" else {})},
         "train": {"batch_size": args.batch_size, "lr": args.lr, "momentum": 0.9, "weight_decay": 5e-4,
                   "eval_batch_size": 500},
     })

@@ -10,7 +10,9 @@ clients never restart a schedule). The partition comes from the node config (``p
 (``data-dir`` in its node config) reads its data, teacher and generator only from its node config
 (``clients/node_config.py``), never from paths in the message. Replies carry only the trainable state,
 cast to ``transport.dtype`` (or, with a ``transport.codec`` chain, the encoded update ``trained - base``:
-``clients/transport_client.py``), plus metrics including the bytes received and sent. A train message also
+``clients/transport_client.py``), plus metrics including the bytes received and sent. ExpandNets under
+``transport.communicate: compact`` receive and send the compact wire layout and keep their own factors
+(``pipeline/transport/compact_space.py``). A train message also
 carries the server's transport header (format version, codec chain, dtype): a node refuses a mismatch with
 its own run config, with the reason, as an error reply.
 """
@@ -24,7 +26,7 @@ from flwr.clientapp import ClientApp
 
 from clients.flower_client import local_evaluate, local_train
 from clients.node_config import NodeSettings, node_run_config, node_state_folder, read_node_settings
-from clients.transport_client import check_message_header, outgoing_arrays, received_state
+from clients.transport_client import check_message_header, node_receiver, outgoing_arrays, received_state
 from pipeline.transport.downlink import BASE_KEY
 from pipeline.transport.wire import (
     CONFIG_HASH_KEY,
@@ -84,7 +86,8 @@ def train(msg: Message, context: Context) -> Message:
     base = received_state(cfg, config, received, server_round=server_round, state_folder=folder)
     state, metrics = local_train(cfg, base, partition_id=pid, num_partitions=n,
                                  server_round=server_round, lrs=[float(x) for x in config[LRS_KEY]],
-                                 proximal_mu=float(config.get("proximal-mu", 0.0)))
+                                 proximal_mu=float(config.get("proximal-mu", 0.0)),
+                                 receive=node_receiver(cfg, server_round=server_round, state_folder=folder))
     reply, _groups = outgoing_arrays(cfg, base, state, partition_id=pid, server_round=server_round,
                                      state_folder=folder)
     if cfg.transport.downlink.kind == "delta":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ import models
 from pipeline.config import RunConfig
 from pipeline.modeling import build_training_model
 from pipeline.train import evaluate, fit, resolve_device, seed_everything
+from pipeline.transport.compact_space import compact_space
 from pipeline.transport.wire import config_from_json, config_to_json
 
 
@@ -55,9 +57,14 @@ def _process_teacher(cfg_json: str, device: str) -> nn.Module | None:
 
 
 def local_train(cfg: RunConfig, global_state: dict[str, torch.Tensor], *, partition_id: int, num_partitions: int,
-                server_round: int, lrs: list[float], proximal_mu: float = 0.0
+                server_round: int, lrs: list[float], proximal_mu: float = 0.0,
+                receive: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, float]] | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Train the global model on one partition, local epoch ``e`` at ``lrs[e]``; returns (trainable state, metrics)."""
+    """Train the global model on one partition, local epoch ``e`` at ``lrs[e]``; returns (trainable state, metrics).
+
+    ``receive(model, global_state)`` puts the received state into the freshly built model and returns extra
+    metrics (compact-space ExpandNets lift it into the node's own factors); default: load it as it is.
+    """
     from pipeline.data import client_train_loader
 
     epochs = cfg.engine.local_epochs if cfg.engine.kind == "flower" else 1
@@ -67,7 +74,9 @@ def local_train(cfg: RunConfig, global_state: dict[str, torch.Tensor], *, partit
     seed_everything(client_seed(cfg.seed, server_round, partition_id))
     device = resolve_device(cfg.device)
     model = build_training_model(cfg)
-    models.load_trainable_state(model, global_state)
+    received = {} if receive is None else receive(model, global_state)
+    if receive is None:
+        models.load_trainable_state(model, global_state)
     model.to(device)
     loader = client_train_loader(cfg, partition_id, num_partitions)
     penalty = proximal_penalty(model, proximal_mu) if proximal_mu > 0 else None
@@ -83,7 +92,8 @@ def local_train(cfg: RunConfig, global_state: dict[str, torch.Tensor], *, partit
     last = history[-1]
     metrics = {"num-examples": int(last["train_samples"]), "train-loss": float(last["train_loss"]),
                "train-accuracy": float(last["train_accuracy"]), "train-seconds": float(sum(r["train_seconds"]
-                                                                                          for r in history))}
+                                                                                          for r in history)),
+               **received}
     return state, metrics
 
 
@@ -93,8 +103,12 @@ def local_evaluate(cfg: RunConfig, global_state: dict[str, torch.Tensor], *, par
     from pipeline.data import test_shard_loader
 
     device = resolve_device(cfg.device)
-    model = build_training_model(cfg)
-    models.load_trainable_state(model, global_state)
+    space = compact_space(cfg)
+    if space is None:
+        model = build_training_model(cfg)
+        models.load_trainable_state(model, global_state)
+    else:  # the global state is in the compact wire layout: the server's materialisation of it
+        model = space.materialize(global_state)
     compact = models.finalize(model).to(device)
     result = evaluate(compact, test_shard_loader(cfg, partition_id, num_partitions), device)
     return {"num-examples": int(result["test_samples"]), "test-loss": float(result["test_loss"]),

@@ -1,26 +1,43 @@
 """The two seams between a node's model and the wire: what it applies on receipt, and what it sends back.
 
 :func:`received_state` turns a train message's arrays into the state the node trains from (the full global
-model, or with the ``delta`` downlink the model it holds plus the received change; ExpandNet lifting plugs in
-here). :func:`outgoing_arrays` turns the trained
+model, or with the ``delta`` downlink the model it holds plus the received change); :func:`node_receiver` says
+how it enters the node's model. :func:`outgoing_arrays` turns the trained
 state into the ArrayRecord that travels: without a ``transport.codec`` chain the trainable state cast to
 ``transport.dtype``; with one, the **update** ``trained - base`` through the chain (``encode_update``), with
 the node's error-feedback residuals read from and written to its own store
 (:mod:`pipeline.transport.node_store`) and stochastic rounding seeded by (seed, round, partition).
+
+ExpandNets under ``transport.communicate: compact`` (:mod:`pipeline.transport.compact_space`): the global
+state is in the run's wire layout; :func:`node_receiver` writes it into the node's OWN factors (kept in its
+store between rounds; the seeded initial expansion for a node without any) by lifting, and
+:func:`outgoing_arrays` contracts the trained factors back to the wire layout (and stores them) before the
+update ``trained - base`` goes through the codec chain like any dense update.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
+from torch import nn
 
+import models
 from pipeline.config import RunConfig
 from pipeline.transport.codecs import CodecContext
+from pipeline.transport.compact_space import LIFT_RESIDUAL_KEY, compact_space
 from pipeline.transport.downlink import BASE_KEY, BASE_MISMATCH, DELTA, FULL, KIND_KEY, apply_delta
-from pipeline.transport.node_store import GLOBAL, load_latest, load_residuals, save_residuals, save_round
+from pipeline.transport.node_store import (
+    FACTORS,
+    GLOBAL,
+    load_latest,
+    load_residuals,
+    save_residuals,
+    save_round,
+)
 from pipeline.transport.update import check_header, encode_update
 from pipeline.transport.wire import HEADER_KEY, decode_record, encode_state, update_to_record
 
@@ -61,10 +78,36 @@ def received_state(cfg: RunConfig, config: ConfigRecord, arrays: ArrayRecord, *,
     return state
 
 
+def node_receiver(cfg: RunConfig, *, server_round: int, state_folder: Path
+                  ) -> Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, float]] | None:
+    """How a received state enters the freshly built training model: None (load it as it is) unless ExpandNet
+    layers travel compact; then the node's own factors of its newest earlier round are loaded (none: the model
+    keeps the seeded initial expansion) and the received wire state is lifted into them; the callable returns
+    the largest lift residual as a reply metric."""
+    space = compact_space(cfg)
+    if space is None:
+        return None
+
+    def receive(model: nn.Module, wire: dict[str, torch.Tensor]) -> dict[str, float]:
+        own = load_latest(state_folder, FACTORS, server_round)
+        if own is not None:
+            try:
+                models.load_trainable_state(model, own[1])
+            except ValueError as exc:
+                raise ValueError(f"node factor store in {str(state_folder)!r}: {exc}") from None
+        return {LIFT_RESIDUAL_KEY: space.compact_residual(space.receive(model, wire))}
+
+    return receive
+
+
 def outgoing_arrays(cfg: RunConfig, base: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], *,
                     partition_id: int, server_round: int, state_folder: Path) -> tuple[ArrayRecord, dict[str, int]]:
     """The reply's ArrayRecord and its payload bytes per tensor group (``codec``/``excluded``/``bn``)."""
     t = cfg.transport
+    space = compact_space(cfg)
+    if space is not None:  # keep this node's trained factors; what travels is their wire-layout contraction
+        save_round(state_folder, FACTORS, server_round, trained)
+        trained = space.wire_state(space.holding(trained))
     if not t.codec:
         return encode_state(trained, t.dtype), {}
     update = {k: trained[k].detach().cpu().float() - base[k].float() for k in trained}

@@ -30,7 +30,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import ConfigError, RunConfig, communicate_mode
 from pipeline.logging_utils import get_logger
 
 log = get_logger("checkpoint")
@@ -140,8 +140,21 @@ def _section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 
 # ---------------------------------------------------------------------------------------- fingerprint
 def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
-    """What a checkpoint records of its config: the whole resolved config (JSON types)."""
-    return cfg.model_dump(mode="json")
+    """What a checkpoint records of its config: the whole resolved config (JSON types), with the effective
+    ``transport.communicate`` (so a flipped default is a change a resume refuses)."""
+    doc = cfg.model_dump(mode="json")
+    doc["transport"]["communicate"] = communicate_mode(cfg)
+    return doc
+
+
+def _with_communicate(saved: dict[str, Any]) -> dict[str, Any]:
+    """A fingerprint written before ``transport.communicate`` existed: flower ExpandNets then sent factors."""
+    transport = saved.get("transport")
+    if not isinstance(transport, dict) or "communicate" in transport:
+        return saved
+    expand_on_flower = (saved.get("engine", {}).get("kind") == "flower"
+                        and saved.get("compression", {}).get("kind") == "expand")
+    return {**saved, "transport": {**transport, "communicate": "factors" if expand_on_flower else None}}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -165,7 +178,7 @@ def check_resume(saved: dict[str, Any], cfg: RunConfig, where: Path | str,
     :data:`RESUME_MAY_GROW` keys may grow (a cosine schedule's horizon then moves: a warning says so).
     ``remedy`` ends the message (what the user can do instead).
     """
-    old, now = _flatten(saved), _flatten(config_fingerprint(cfg))
+    old, now = _flatten(_with_communicate(saved)), _flatten(config_fingerprint(cfg))
     for path in [*now, *(p for p in old if p not in now)]:
         if _allowed(path) or old.get(path, "<absent>") == now.get(path, "<absent>"):
             continue

@@ -246,6 +246,10 @@ class DownlinkConfig(Strict):
         return _canonical_chain(v)
 
 
+#: what ExpandNet layers send on the flower engine when ``transport.communicate`` is unset (the one place to flip it)
+DEFAULT_EXPAND_COMMUNICATE: Literal["factors", "compact"] = "compact"
+
+
 class TransportConfig(Strict):
     """What travels, for every engine (see README "What travels (transport)")."""
 
@@ -261,6 +265,10 @@ class TransportConfig(Strict):
     expand_sync: Literal["compact", "factors"] = Field(
         "compact", description="ray, fused ExpandNets: average the compact dL/dW, dL/db (exact, compact net's "
         "bytes) or the factor gradients (the chain's bytes; needed for explicit mode and powersgd)")
+    communicate: Literal["factors", "compact"] | None = Field(
+        None, description="flower, compression.kind expand: ExpandNet layers travel as the compact layer's "
+        "update (lifted into each node's own factors on receipt) or as their factors; unset = "
+        "DEFAULT_EXPAND_COMMUNICATE")
 
     @field_validator("codec", mode="before")
     @classmethod
@@ -352,9 +360,39 @@ class RunConfig(Strict):
                              "transport.expand_sync: factors")
         return self
 
+    @model_validator(mode="after")
+    def _communicate_fits_run(self) -> RunConfig:
+        problem = communicate_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
     @property
     def run_dir(self) -> Path:
         return self.output / (self.name or "run")
+
+
+def communicate_problem(cfg: RunConfig) -> str | None:
+    """Why ``transport.communicate`` does not fit ``cfg`` (None if it does): it chooses what ExpandNet layers
+    send on the flower engine; the ray engine has ``transport.expand_sync`` for that."""
+    value = cfg.transport.communicate
+    if value is None:
+        return None
+    if cfg.engine.kind == "ray":
+        return ("transport.communicate: used by the flower engine only (the ray engine sends ExpandNets as set by "
+                "transport.expand_sync)")
+    if cfg.compression.kind != "expand":
+        return (f"transport.communicate: {value} applies only to compression.kind: expand runs, this run has "
+                f"compression.kind: {cfg.compression.kind}")
+    return None
+
+
+def communicate_mode(cfg: RunConfig) -> Literal["factors", "compact"] | None:
+    """What ExpandNet layers send in this run: ``transport.communicate``, else :data:`DEFAULT_EXPAND_COMMUNICATE`
+    for expand runs on the flower engine; None where nothing is expanded or the engine is not flower."""
+    if cfg.engine.kind != "flower" or cfg.compression.kind != "expand":
+        return None
+    return cfg.transport.communicate or DEFAULT_EXPAND_COMMUNICATE
 
 
 def transport_problem(t: TransportConfig, engine: str) -> str | None:

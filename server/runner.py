@@ -25,10 +25,11 @@ from pipeline.checkpoint import (
     restore_rng,
     save_round_checkpoint,
 )
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, communicate_mode
 from pipeline.modeling import build_training_model
 from pipeline.tracking import track_history
 from pipeline.train import evaluate, lr_at, resolve_device, seed_everything
+from pipeline.transport.compact_space import LIFT_RESIDUAL_KEY, CompactSpace, compact_space
 from pipeline.transport.update import header
 from pipeline.transport.wire import (
     CONFIG_HASH_KEY,
@@ -56,14 +57,24 @@ class CentralEvaluator:
         from pipeline.data import test_loader
 
         self.model = model
+        self.space = compact_space(cfg)
         self.device = resolve_device(cfg.device)
         self.loader = test_loader(cfg)
 
     def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
         """Test loss/accuracy of the compact model a user would deploy after this round."""
-        models.load_trainable_state(self.model, state)
-        compact = models.finalize(self.model).to(self.device)
-        return evaluate(compact, self.loader, self.device)
+        return evaluate(models.finalize(global_model(self.model, self.space, state)).to(self.device), self.loader,
+                        self.device)
+
+
+def global_model(model: nn.Module, space: CompactSpace | None, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The training-time model holding the global ``state``: ``model`` loaded in place, or with ExpandNet layers
+    travelling compact a fresh materialisation (the seeded expansion with ``state`` lifted into it), so the
+    result depends on ``state`` alone (a resumed run evaluates and deploys the same model)."""
+    if space is not None:
+        return space.materialize(state)
+    models.load_trainable_state(model, state)
+    return model
 
 
 def _metric(metrics: MetricRecord | None, key: str) -> float | None:
@@ -118,7 +129,9 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     get_teacher(cfg, "cpu")
     seed_everything(cfg.seed)
     model = build_training_model(cfg)
-    state = {k: v.detach().cpu().clone().float() for k, v in models.trainable_state(model).items()}
+    space = compact_space(cfg)  # ExpandNet layers travel compact: the global state is in its wire layout
+    initial = space.wire_state(model) if space is not None else models.trainable_state(model)
+    state = {k: v.detach().cpu().clone().float() for k, v in initial.items()}
     strategy = build_strategy(cfg)
     history: list[dict[str, Any]] = []
     first_round = 1
@@ -153,6 +166,8 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         global_state = decode_record(arrays)
         record: dict[str, Any] = {"round": rnd, "train_loss": _metric(train_m, "train-loss"),
                                   "train_accuracy": _metric(train_m, "train-accuracy")}
+        if space is not None:  # the replies' largest lift residual, averaged (weighted) over the round's nodes
+            record["lift_residual"] = _metric(train_m, LIFT_RESIDUAL_KEY)
         record.update(evaluator(global_state))
         if eval_m is not None:
             record["federated_test_accuracy"] = _metric(eval_m, "test-accuracy")
@@ -172,10 +187,12 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     if first_round <= cfg.engine.rounds:
         final = run_rounds(strategy, grid, final, first_round=first_round, last_round=cfg.engine.rounds,
                            timeout=cfg.engine.round_timeout, config=round_config, on_round=on_round)
-    models.load_trainable_state(model, decode_record(final))
+    model = global_model(model, space, decode_record(final))
     extra = {"rounds": len(history), "clients": cfg.engine.clients,
              "strategy": cfg.engine.strategy, "transport_dtype": cfg.transport.dtype,
              "transport_codec": "+".join(cfg.transport.codec) or "none",
+             "transport_communicate": communicate_mode(cfg) or "n/a",
+             **({"transport_factor_layers": ",".join(space.layout.fallback) or "none"} if space is not None else {}),
              "transport_downlink": (cfg.transport.downlink.kind if cfg.transport.downlink.kind == "full" else
                                     f"delta({'+'.join(cfg.transport.downlink.codec) or cfg.transport.dtype})"),
              "payload_bytes_up_per_client": history[-1]["bytes_up_per_client"] if history else 0,

@@ -68,7 +68,6 @@ from server.example_weights import SizeOf, capped_weights, partition_sizes
 from server.update_screen import screen_updates
 from server.validation import (
     EVALUATE_METRICS,
-    TRAIN_METRICS,
     WEIGHT_KEY,
     ArraySpec,
     ReplyRejected,
@@ -78,6 +77,7 @@ from server.validation import (
     clean_metrics,
     expected_layout,
     partition_of,
+    train_metrics,
 )
 
 log = logging.getLogger("compactfl.server")
@@ -124,6 +124,7 @@ class CompactflHooks:
         self.round_report = {}
         self._layout, self._base = {}, {}
         self._cfg = cfg
+        self._train_metrics = train_metrics(cfg)
         self._node_partition: dict[int, int] = {}
         self._config_sent: set[int] = set()  # nodes that were sent the run config JSON (they cache it by hash)
         self.downlink = DeltaDownlink(cfg.transport, cfg.seed) if cfg.transport.downlink.kind == "delta" else None
@@ -206,7 +207,7 @@ class CompactflHooks:
                 else:
                     state, record = None, check_evaluate_content(msg.content)
                 pid = partition_of(record, self.num_partitions)
-                metrics = clean_metrics(record, TRAIN_METRICS if train else EVALUATE_METRICS)
+                metrics = clean_metrics(record, self._train_metrics if train else EVALUATE_METRICS)
                 if self._node_partition.get(node, pid) != pid:
                     raise ReplyRejected(f"claims partition-id {pid}, but its earlier replies used "
                                         f"{self._node_partition[node]}")

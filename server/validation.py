@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from pipeline.config import TransportConfig
+from pipeline.config import RunConfig, TransportConfig, communicate_mode
+from pipeline.transport.compact_space import LIFT_RESIDUAL_KEY
 from pipeline.transport.wire import RAW_STYPE, WIRE_DTYPES, decode_array, record_to_update
 
 WEIGHT_KEY = "num-examples"
@@ -31,6 +32,14 @@ NUMPY_STYPE = "numpy.ndarray"
 #: metric key -> kind of value (``count``: whole number > 0, ``loss``: >= 0, ``fraction``: in [0, 1]).
 TRAIN_METRICS = {WEIGHT_KEY: "count", "train-loss": "loss", "train-accuracy": "fraction"}
 EVALUATE_METRICS = {WEIGHT_KEY: "count", "test-loss": "loss", "test-accuracy": "fraction"}
+
+
+def train_metrics(cfg: RunConfig) -> dict[str, str]:
+    """The train reply metrics of this run: :data:`TRAIN_METRICS`, plus the nodes' largest lift residual when
+    ExpandNet layers travel compact (``transport.communicate: compact``)."""
+    if communicate_mode(cfg) == "compact":
+        return {**TRAIN_METRICS, LIFT_RESIDUAL_KEY: "loss"}
+    return dict(TRAIN_METRICS)
 
 
 class ReplyRejected(ValueError):

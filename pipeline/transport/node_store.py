@@ -1,4 +1,5 @@
-"""A node's own state on its own disk (error-feedback residuals, the global model a delta downlink builds on),
+"""A node's own state on its own disk (error-feedback residuals, the global model a delta downlink builds on, an
+ExpandNet node's own factors under ``transport.communicate: compact``),
 one safetensors file per kind and round it took part in.
 
 Flower's ``Context.state`` lives for one Flower run and a resumed run is a new one, so the residuals live in
@@ -24,7 +25,7 @@ import torch
 from pipeline.transport.error_feedback import ErrorFeedback
 
 KEEP = 2
-RESIDUALS, GLOBAL = "ef", "global"
+RESIDUALS, GLOBAL, FACTORS = "ef", "global", "factors"  # FACTORS: an ExpandNet node's own factors (compact mode)
 
 
 def node_state_dir(root: Path, partition_id: int) -> Path:
