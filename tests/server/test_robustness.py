@@ -25,7 +25,8 @@ from tests.hostile_clients import ATTACKS, hostile_app
 
 BAND = 0.10
 ATTACKER = 4
-FEDAVG_AS_SHIPPED = {"strategy": "fedavg", "update_screen": {"kind": "off"}, "example_weights": "claimed"}
+FEDAVG_AS_SHIPPED = {"strategy": "fedavg", "update_screen": {"kind": "off", "direction": "off"},
+                     "example_weights": "claimed"}
 
 
 def accuracy(tmp_path: Path, attack: str | None, **engine) -> float:
