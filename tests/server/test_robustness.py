@@ -8,8 +8,9 @@ attacker mostly slows progress down).
 
 The band: an attacked default run keeps at least ``honest - BAND`` test accuracy; FedAvg as Flower ships it
 (claimed weights, no screen) loses more than that under the same attacks. Measured here (2-core CPU,
-torch 2.13): honest 0.322; default 0.306 / 0.252 / 0.278 under the scaled / sign-flipped / inflating
-attacker; FedAvg as shipped 0.118 / 0.094 / 0.108.
+torch 2.13, 2026-12-01): honest 0.310; default 0.314 / 0.288 / 0.288 under the scaled / sign-flipped /
+inflating attacker (the direction check drops the flipped ones; the norm screen alone kept 0.314 / 0.256 /
+0.262, the 0.256 outside this band); FedAvg as shipped 0.114 / 0.094 / 0.108. BAND 0.05 leaves 2.8 pp of margin.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from server.local_grid import LocalGrid
 from server.runner import run_server
 from tests.hostile_clients import ATTACKS, hostile_app
 
-BAND = 0.10
+BAND = 0.05
 ATTACKER = 4
 FEDAVG_AS_SHIPPED = {"strategy": "fedavg", "update_screen": {"kind": "off", "direction": "off"},
                      "example_weights": "claimed"}
