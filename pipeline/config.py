@@ -156,7 +156,7 @@ FlowerStrategy = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimme
 
 
 class UpdateScreenConfig(Strict):
-    """Norm screen of client updates (reply - global model sent), before the strategy aggregates."""
+    """Screen of client updates (reply - global model sent): direction check, then norm bound (server/update_screen)."""
 
     kind: Literal["centred", "clip", "drop", "off"] = Field(
         "clip", description="clip (scale down) or drop updates whose norm exceeds factor x the round's median "
