@@ -35,10 +35,16 @@ CLIENTS = 5
 
 def server_configs(factor: float) -> dict[str, dict]:
     """Row name -> engine keys. 'fedavg (screen off)' is Flower's FedAvg as shipped: claimed weights, no screen."""
+    clip = {"kind": "clip", "factor": factor}
     return {
-        "fedavg (screen off)": {"strategy": "fedavg", "update_screen": {"kind": "off"}, "example_weights": "claimed"},
-        f"default (fedavg + clip {factor:g}x median)": {"update_screen": {"kind": "clip", "factor": factor}},
-        f"fedavg + drop {factor:g}x median": {"update_screen": {"kind": "drop", "factor": factor}},
+        "fedavg (screen off)": {"strategy": "fedavg", "update_screen": {"kind": "off", "direction": "off"},
+                                "example_weights": "claimed"},
+        f"default (fedavg + clip {factor:g}x + direction drop)": {"update_screen": {**clip, "direction": "drop"}},
+        f"fedavg + centred clip {factor:g}x": {"update_screen": {"kind": "centred", "factor": factor,
+                                                                  "direction": "off"}},
+        f"fedavg + clip {factor:g}x (direction off)": {"update_screen": {**clip, "direction": "off"}},
+        f"fedavg + drop {factor:g}x (direction off)": {"update_screen": {"kind": "drop", "factor": factor,
+                                                                          "direction": "off"}},
         "fedmedian": {"strategy": "fedmedian"},
         "krum (f=1)": {"strategy": "krum", "krum_byzantine": 1},
         "multikrum (f=1)": {"strategy": "multikrum", "krum_byzantine": 1},
@@ -75,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attacker", type=int, default=4, help="partition id of the hostile client")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rows", nargs="*", default=None, help="subset of row names (default: all)")
+    parser.add_argument("--columns", nargs="*", default=None, help="subset of honest and attack names (default: all)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/compactfl-robustness"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -83,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
     configs = server_configs(args.factor)
     rows = {k: v for k, v in configs.items() if args.rows is None or k in args.rows}
-    columns: list[str | None] = [None, *ATTACKS]
+    columns: list[str | None] = [c for c in [None, *ATTACKS] if args.columns is None or (c or "honest") in args.columns]
     started = time.perf_counter()
     table: dict[str, dict[str, float]] = {}
     for row, engine in rows.items():
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             accs = [accuracy(engine, attack, seed, args, args.out) for seed in args.seeds]
             table[row][attack or "honest"] = statistics.mean(accs)
             print(f"  {row:<34} {attack or 'honest':<30} {table[row][attack or 'honest']:.3f}", file=sys.stderr)
-    names = ["honest", *ATTACKS]
+    names = [c or "honest" for c in columns]
     print(f"\n5 clients (IID, embedded CIFAR-10 subset, {args.train_limit} train / {args.test_limit} test images), "
           f"SmallNet-3, {args.rounds} rounds x {args.max_batches} batches of 32, lr {args.lr}, attacker = "
           f"partition {args.attacker}, seeds {args.seeds}; final test accuracy (chance 0.10)\n")

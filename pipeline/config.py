@@ -156,11 +156,23 @@ FlowerStrategy = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimme
 
 
 class UpdateScreenConfig(Strict):
-    """Norm screen of client updates (reply - global model sent), before the strategy aggregates."""
+    """Screen of client updates (reply - global model sent): direction check, then norm bound (server/update_screen)."""
 
-    kind: Literal["clip", "drop", "off"] = Field("clip", description="clip (scale down) or drop updates whose "
-                                                 "norm exceeds factor x the round's median update norm; off")
+    kind: Literal["centred", "clip", "drop", "off"] = Field(
+        "clip", description="clip (scale down) or drop updates whose norm exceeds factor x the round's median "
+        "update norm; centred: clip each update's distance from the coordinate-wise median update instead; off")
     factor: float = Field(1.5, ge=1.0, description="bound, in multiples of the round's median update norm")
+    direction: Literal["drop", "off"] = Field(
+        "drop", description="drop an update whose parameters point against the other replies' coordinate-wise "
+        "median update (cosine < min_cosine); off: no direction check")
+    min_cosine: float = Field(-0.2, ge=-1.0, le=0.0, description="direction check threshold: cosine with the "
+                              "round's median update below which an update counts as pointing against it")
+    min_agreement: float = Field(0.1, ge=-1.0, le=1.0, description="the direction check acts only in rounds "
+                                 "whose median cosine is at least this (the replies agree on a direction; strongly "
+                                 "non-IID rounds, where honest updates disagree, are left to the norm screen)")
+    direction_min_replies: int = Field(4, ge=3, description="the direction check runs only in rounds with at "
+                                       "least this many valid replies (the others' median needs a majority of "
+                                       "honest replies: with 3, one attacker is half of the other two)")
 
 
 class ServerDPConfig(Strict):

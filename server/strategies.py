@@ -116,7 +116,7 @@ class CompactflHooks:
         """Initialise the hook state (called by :func:`build_strategy`)."""
         eng = cfg.engine
         self.transport_dtype = cfg.transport.dtype
-        self.screen_kind, self.screen_factor = eng.update_screen.kind, eng.update_screen.factor
+        self.screen = eng.update_screen
         self.weight_rule = eng.example_weights
         self.dp_kind = eng.dp.kind
         self.min_valid = max(min_valid, 1)
@@ -256,7 +256,9 @@ class CompactflHooks:
         """Valid train replies (screened, fp32 NumPy, sorted by partition id); logs and counts the rest."""
         accepted, failed, dropped = self._accept(server_round, replies, train=True)
         capped = self._cap_weights(accepted, "train")
-        screened = screen_updates(self._base, [a.state for a in accepted], self.screen_kind, self.screen_factor)
+        screened = screen_updates(self._base, [a.state for a in accepted], self.screen.kind, self.screen.factor,
+                                  self.screen.direction, self.screen.min_cosine,
+                                  self.screen.min_agreement, self.screen.direction_min_replies)
         good, clipped = [], 0
         for a, result in zip(accepted, screened, strict=True):
             if result.state is not None and self.dp_kind != "none" and not any(result.norms.values()):

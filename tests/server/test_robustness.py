@@ -8,24 +8,27 @@ attacker mostly slows progress down).
 
 The band: an attacked default run keeps at least ``honest - BAND`` test accuracy; FedAvg as Flower ships it
 (claimed weights, no screen) loses more than that under the same attacks. Measured here (2-core CPU,
-torch 2.13): honest 0.322; default 0.306 / 0.252 / 0.278 under the scaled / sign-flipped / inflating
-attacker; FedAvg as shipped 0.118 / 0.094 / 0.108.
+torch 2.13, 2026-12-01): honest 0.310; default 0.314 / 0.288 / 0.288 under the scaled / sign-flipped /
+inflating attacker (the direction check drops the flipped ones; the norm screen alone kept 0.314 / 0.256 /
+0.262, the 0.256 outside this band); FedAvg as shipped 0.114 / 0.094 / 0.108. BAND 0.05 leaves 2.8 pp of margin.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import config_from_dict
-from server.local_grid import LocalGrid
+from server.local_grid import NODE_ID_BASE, LocalGrid
 from server.runner import run_server
 from tests.hostile_clients import ATTACKS, hostile_app
 
-BAND = 0.10
+BAND = 0.05
 ATTACKER = 4
-FEDAVG_AS_SHIPPED = {"strategy": "fedavg", "update_screen": {"kind": "off"}, "example_weights": "claimed"}
+FEDAVG_AS_SHIPPED = {"strategy": "fedavg", "update_screen": {"kind": "off", "direction": "off"},
+                     "example_weights": "claimed"}
 
 
 def accuracy(tmp_path: Path, attack: str | None, **engine) -> float:
@@ -50,8 +53,15 @@ def honest(tmp_path_factory: pytest.TempPathFactory) -> float:
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
-def test_the_default_stays_within_the_band_of_the_honest_run(tmp_path: Path, honest: float, attack: str) -> None:
-    assert accuracy(tmp_path, attack) >= honest - BAND
+def test_the_default_stays_within_the_band_of_the_honest_run(tmp_path: Path, honest: float, attack: str,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="compactfl.server"):
+        assert accuracy(tmp_path, attack) >= honest - BAND
+    against = [r.getMessage() for r in caplog.records if "points against" in r.getMessage()]
+    if "flipped" in attack:  # the direction check drops the attacker every round, naming it
+        assert len(against) == 5 and all(f"from node {NODE_ID_BASE + ATTACKER} " in m for m in against), against
+    else:
+        assert not against
 
 
 @pytest.mark.parametrize("attack", ["scaled x10", "flipped + 1000x num-examples"])

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClippin
 
 import models
 from pipeline.config import ConfigError, config_from_dict
+from pipeline.transport.codecs import CodecContext, parse_chain
 from pipeline.transport.wire import encode_state, encode_tensor
 from server.example_weights import capped_weights
 from server.local_grid import LocalGrid
@@ -237,7 +239,7 @@ def test_drop_refuses_with_a_reason_and_off_passes_everything() -> None:
     assert [r.action for r in dropped] == ["kept"] * 3 + ["dropped"]
     assert dropped[3].state is None and "exceeds" in dropped[3].reason and "3 x the round's median" in dropped[3].reason
     assert [r.action for r in screen_updates(base, replies, "off", 1.5)] == ["kept"] * 4
-    with pytest.raises(ValueError, match="clip, drop or off"):
+    with pytest.raises(ValueError, match="centred, clip, drop, off"):
         screen_updates(base, replies, "trim", 1.5)
 
 
@@ -247,6 +249,74 @@ def test_huge_finite_updates_clip_without_overflow() -> None:
     replies[2]["0.weight"] = torch.full_like(base["0.weight"], 3e38)
     result = screen_updates(base, replies, "clip", factor=2.0)[2]
     assert result.action == "clipped" and torch.isfinite(result.state["0.weight"]).all()
+
+
+def directed(n: int, noise: float = 1.0, flip: dict[int, float] | None = None, seed: int = 0,
+             ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """A base state and ``n`` replies whose updates share a common direction plus per-client noise (IID-like);
+    ``flip`` maps a reply index to a multiplier (e.g. -5: the sign-flipped x5 attacker). BN statistics honest."""
+    gen = torch.Generator().manual_seed(seed)
+    base = {"fc.weight": torch.zeros(40, 50), "fc.bias": torch.zeros(40),
+            "bn.running_mean": torch.zeros(40), "bn.running_var": torch.ones(40)}
+    common = {k: torch.randn(v.shape, generator=gen) for k, v in base.items() if k.startswith("fc")}
+    replies = []
+    for i in range(n):
+        scale = (flip or {}).get(i, 1.0)
+        reply = {k: base[k] + scale * (c + noise * torch.randn(c.shape, generator=gen)) for k, c in common.items()}
+        reply["bn.running_mean"] = 0.1 * torch.randn(40, generator=gen)
+        reply["bn.running_var"] = 1 + 0.1 * torch.rand(40, generator=gen)
+        replies.append(reply)
+    return base, replies
+
+
+def test_the_direction_check_drops_a_sign_flipped_update_and_keeps_every_honest_one() -> None:
+    for flip in (-5.0, -1.0):  # x5 is also clipped by norm; x1 is a normal-sized update only its direction gives away
+        base, replies = directed(5, flip={4: flip})
+        results = screen_updates(base, replies, "clip", 1.5, direction="drop")
+        assert [r.action for r in results[:4]] == ["kept"] * 4 and results[4].action == "dropped"
+        assert results[4].state is None and "points against the other replies' coordinate-wise median" in \
+            results[4].reason and results[4].cosine < -0.2 < min(r.cosine for r in results[:4])
+        assert all(torch.equal(r.state[k], reply[k]) for r, reply in zip(results[:4], replies, strict=False)
+                   for k in reply)
+        off = screen_updates(base, replies, "clip", 1.5, direction="off")
+        assert off[4].action != "dropped" and off[4].cosine is None  # the off switch: only the norm screen acts
+    with pytest.raises(ValueError, match="direction must be drop, off"):
+        screen_updates(base, replies, "clip", 1.5, direction="flip")
+
+
+def test_the_direction_check_needs_four_replies_and_a_round_that_agrees() -> None:
+    base, replies = directed(3, flip={2: -1.0})  # with 3 replies one attacker is half of the others' median
+    assert [r.action for r in screen_updates(base, replies, "clip", 1.5, direction="drop")] == ["kept"] * 3
+    base, replies = directed(5, noise=20.0, flip={4: -1.0})  # no shared direction (strongly non-IID-like)
+    results = screen_updates(base, replies, "clip", 1.5, direction="drop")
+    assert statistics.median(r.cosine for r in results) < 0.1 and "dropped" not in [r.action for r in results]
+
+
+def test_top_k_sparse_honest_updates_pass_the_direction_check() -> None:
+    """Decoded top-k 1% updates are nearly orthogonal to each other: the check must not take that for an attack."""
+    chain = parse_chain(["topk(frac=0.01)"])
+    for n in (4, 5, 10):
+        base, replies = directed(n, seed=n)
+        sparse = []
+        for i, reply in enumerate(replies):
+            ctx = CodecContext(round=1, partition=i)
+            sparse.append({k: base[k] + chain.decode(chain.encode(v - base[k], ctx.named(k))).view(v.shape)
+                           if k.startswith("fc") else v for k, v in reply.items()})
+        assert int((sparse[0]["fc.weight"] != 0).sum()) == 20  # 1% of 2,000
+        results = screen_updates(base, sparse, "clip", 1.5, direction="drop")
+        assert "dropped" not in [r.action for r in results], [r.cosine for r in results]
+
+
+def test_centred_clip_bounds_the_distance_from_the_median_update() -> None:
+    base, replies = directed(5, flip={4: -5.0})
+    results = screen_updates(base, replies, "centred", 1.5, direction="off")
+    assert [r.action for r in results] == ["kept"] * 4 + ["clipped"]
+    rows = torch.stack([torch.cat([r["fc.weight"].flatten(), r["fc.bias"]]) for r in replies])
+    centre = rows.sort(dim=0).values[2]
+    bound = 1.5 * (rows - centre).norm(dim=1).median()
+    moved = torch.cat([results[4].state["fc.weight"].flatten(), results[4].state["fc.bias"]])
+    assert float((moved - centre).norm()) == pytest.approx(float(bound), rel=1e-4)
+    assert torch.equal(results[4].state["bn.running_var"], replies[4]["bn.running_var"])  # BN: norm rule as in clip
 
 
 # ------------------------------------------------------------------------------------ strategies
