@@ -158,6 +158,12 @@ FlowerStrategy = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimme
 class UpdateScreenConfig(Strict):
     """Screen of client updates (reply - global model sent): direction check, then norm bound (server/update_screen)."""
 
+    @field_validator("kind", "direction", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML 1.1 reads a bare ``off`` as false: take it as the word the user wrote."""
+        return "off" if value is False else value
+
     kind: Literal["centred", "clip", "drop", "off"] = Field(
         "clip", description="clip (scale down) or drop updates whose norm exceeds factor x the round's median "
         "update norm; centred: clip each update's distance from the coordinate-wise median update instead; off")

@@ -74,3 +74,13 @@ def test_override_switches_sections_and_types() -> None:
                                 "engine={kind: flower, rounds: 2}"])
     assert cfg.compression.kind == "csg" and cfg.compression.code_size == 72
     assert cfg.train.milestones == [2, 4] and cfg.engine.rounds == 2
+
+
+def test_a_bare_yaml_off_switches_the_update_screen_off(tmp_path: Path) -> None:
+    """YAML 1.1 reads ``off`` as false; the screen's switches take it as the word written, not a type error."""
+    path = tmp_path / "off.yaml"
+    path.write_text("engine: {kind: flower, update_screen: {kind: off, direction: off}}\n")
+    screen = load_config(path, []).engine.update_screen
+    assert (screen.kind, screen.direction) == ("off", "off")
+    with pytest.raises(ConfigError, match="engine.update_screen.direction"):
+        load_config(path, ["engine.update_screen.direction=true"])
