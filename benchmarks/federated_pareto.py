@@ -10,6 +10,7 @@ compact model and its change vs dense) and ``accuracy_vs_bytes.png`` into ``--ou
     python ../shared/data/cifar10.py data/cifar10
     python benchmarks/federated_pareto.py --data-root data/cifar10 --rounds 25          # the full table
     python benchmarks/federated_pareto.py --data-root data/cifar10 --rounds 2 --train-limit 2000  # smoke
+    python benchmarks/federated_pareto.py --data-root data/cifar10 --seeds 0 1 --collect-only   # table only
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ VARIANT_DIR = REPO / "configs" / "federated" / "pareto"
 DENSE = "smallnet7_dense"
 
 
-def variant_config(path: Path, args: argparse.Namespace) -> RunConfig:
+def variant_config(path: Path, args: argparse.Namespace, seed: int) -> RunConfig:
     """One variant's config with the benchmark's data, scale, seed and output (the variant keeps the rest)."""
-    sets = [f"data.root={args.data_root}", f"engine.rounds={args.rounds}", f"seed={args.seed}",
+    sets = [f"data.root={args.data_root}", f"engine.rounds={args.rounds}", f"seed={seed}",
             f"output={args.out / 'runs'}", "device=cpu", "tracking.mlflow.enabled=false",
-            f"name={path.stem}-s{args.seed}"]
+            f"name={path.stem}-s{seed}"]
     if args.train_limit:
         sets.append(f"data.train_limit={args.train_limit}")
     if args.test_limit:
@@ -101,20 +102,36 @@ def run_variant(cfg: RunConfig, app: Any = client_app) -> dict[str, Any]:
     return {"summary": summary, "history": history, "seconds": time.perf_counter() - started}
 
 
-def table(results: dict[str, dict[str, Any]]) -> str:
-    dense_acc = results.get(DENSE, {}).get("summary", {}).get("test_accuracy")
-    head = ("| variant | upload codec (dtype) | downlink | upload / client / round | vs dense fp32 "
-            "| total bytes (up + down) | test accuracy "
-            "| vs dense (pp) | seconds |\n|---|---|---|---:|---:|---:|---:|---:|---:|")
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def table(results: dict[str, dict[int, dict[str, Any]]]) -> str:
+    """One row per variant: bytes (identical across seeds), accuracy per seed, mean, and the paired change vs
+    dense fp32 (the mean over the seeds both have of variant minus dense)."""
+    dense = {seed: r["summary"]["test_accuracy"] for seed, r in results.get(DENSE, {}).items()}
+    dense_upload = next((r["summary"]["upload_bytes_per_client_round"] for r in results.get(DENSE, {}).values()),
+                        None)
+    head = ("| variant | aggregator | upload codec (dtype) | downlink | upload / client / round "
+            "| fewer than dense fp32 "
+            "| total bytes (up + down) | test accuracy per seed | mean | vs dense (pp) | seconds |\n"
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
-    for name, r in results.items():
-        s = r["summary"]
-        acc = s["test_accuracy"]
-        delta = f"{100 * (acc - dense_acc):+.1f}" if dense_acc is not None else "-"
-        rows.append(f"| {name} | {s.get('transport_codec', 'none')} ({s.get('transport_dtype')}) | "
-                    f"{s.get('transport_downlink', 'full')} | "
-                    f"{human_bytes(s['upload_bytes_per_client_round'])} | {s.get('upload_compression')}x | "
-                    f"{human_bytes(s.get('bytes_total'))} | {acc:.4f} | {delta} | {r['seconds']:.0f} |")
+    for name, by_seed in results.items():
+        seeds = sorted(by_seed)
+        s = by_seed[seeds[0]]["summary"]
+        accs = [by_seed[k]["summary"]["test_accuracy"] for k in seeds]
+        paired = [by_seed[k]["summary"]["test_accuracy"] - dense[k] for k in seeds if k in dense]
+        delta = f"{100 * _mean(paired):+.1f}" if paired else "-"
+        per_seed = " / ".join(f"{a:.4f} (s{k})" for a, k in zip(accs, seeds, strict=True))
+        screen = by_seed[seeds[0]].get("screen", "")
+        upload = s["upload_bytes_per_client_round"]
+        ratio = f"{dense_upload / upload:.1f}x" if dense_upload else "-"
+        rows.append(f"| {name} | {s.get('strategy', '-')}{screen} | {s.get('transport_codec', 'none')} "
+                    f"({s.get('transport_dtype')}) | {s.get('transport_downlink', 'full')} | "
+                    f"{human_bytes(upload)} | {ratio} | "
+                    f"{human_bytes(s.get('bytes_total'))} | {per_seed} | {_mean(accs):.4f} | {delta} | "
+                    f"{_mean([by_seed[k]['seconds'] for k in seeds]):.0f} |")
     return "\n".join([head, *rows])
 
 
@@ -122,13 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, required=True, help="real CIFAR-10 (../shared/data/cifar10.py)")
     parser.add_argument("--rounds", type=int, default=25)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--train-limit", type=int, default=0, help="smoke runs only (0 = the whole training set)")
     parser.add_argument("--test-limit", type=int, default=0)
     parser.add_argument("--max-batches", type=int, default=0, help="smoke runs only: batches per local epoch")
     parser.add_argument("--variants", nargs="*", default=None, help="config stems (default: all)")
     parser.add_argument("--dropout", default=None, metavar="STEM:PARTITION:FIRST-LAST",
                         help="also run variant STEM with one partition offline for rounds FIRST..LAST")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="train nothing: tabulate the finished runs under --out (missing ones are listed)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "pareto")
     args = parser.parse_args(argv)
     dropout = parse_dropout(args.dropout) if args.dropout else None
@@ -136,27 +155,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants:
         paths = [p for p in paths if p.stem in set(args.variants)]
     paths.sort(key=lambda p: p.stem != DENSE)  # dense first: the other rows compare with it
+    jobs: list[tuple[str, int, RunConfig, Any]] = []
+    for seed in args.seeds:
+        for path in paths:
+            jobs.append((path.stem, seed, variant_config(path, args, seed), client_app))
+        if dropout is not None:
+            stem, dropping = dropout
+            name = f"{stem}+dropout{dropping.partition}@{dropping.first}-{dropping.last}"
+            cfg = variant_config(VARIANT_DIR / f"{stem}.yaml", args, seed)
+            jobs.append((name, seed, cfg.model_copy(update={"name": f"{name}-s{seed}"}), dropping))
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, Any]] = {}
-    for path in paths:  # one at a time
-        print(f"running {path.stem} ...", flush=True)
-        results[path.stem] = run_variant(variant_config(path, args))
-        print(f"  test accuracy {results[path.stem]['summary']['test_accuracy']:.4f}, upload/client/round "
-              f"{results[path.stem]['summary']['upload_bytes_per_client_round']:.0f} B", flush=True)
-    if dropout is not None:
-        stem, dropping = dropout
-        name = f"{stem}+dropout{dropping.partition}@{dropping.first}-{dropping.last}"
-        cfg = variant_config(VARIANT_DIR / f"{stem}.yaml", args)
-        cfg = cfg.model_copy(update={"name": f"{name}-s{args.seed}"})
-        print(f"running {name} ...", flush=True)
-        results[name] = run_variant(cfg, dropping)
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    for name, seed, cfg, app in jobs:  # one at a time
+        if args.collect_only:
+            if (done := finished(cfg)) is None:
+                print(f"not finished: {name} seed {seed}", flush=True)
+                continue
+        else:
+            print(f"running {name} seed {seed} ...", flush=True)
+            done = run_variant(cfg, app)
+        screen = cfg.engine.update_screen
+        done["screen"] = (f" + {screen.kind} {screen.factor}x median" if screen.kind != "off" else "") + (
+            " + direction check" if screen.direction != "off" else "")
+        results.setdefault(name, {})[seed] = done
+        print(f"  {name} seed {seed}: test accuracy {done['summary']['test_accuracy']:.4f}, upload/client/round "
+              f"{done['summary']['upload_bytes_per_client_round']:.0f} B", flush=True)
+    seeds = ", ".join(str(k) for k in args.seeds)
     md = table(results)
-    (args.out / "pareto.md").write_text(f"# Federated accuracy for bytes ({args.rounds} rounds, seed {args.seed})\n\n"
+    (args.out / "pareto.md").write_text(f"# Federated accuracy for bytes ({args.rounds} rounds, seeds {seeds})\n\n"
                                         f"{md}\n\n![accuracy vs bytes](accuracy_vs_bytes.png)\n")
     (args.out / "pareto.json").write_text(json.dumps(results, indent=1, default=str))
-    plot_accuracy_vs_bytes([(n, r["history"]) for n, r in results.items()], args.out / "accuracy_vs_bytes.png")
+    first = args.seeds[0]
+    plot_accuracy_vs_bytes([(n, r[first]["history"]) for n, r in results.items() if first in r],
+                           args.out / "accuracy_vs_bytes.png")
     print(md)
-    print(f"wrote {args.out / 'pareto.md'} and {args.out / 'accuracy_vs_bytes.png'}")
+    print(f"wrote {args.out / 'pareto.md'} and {args.out / 'accuracy_vs_bytes.png'} (curves: seed {first})")
     return 0
 
 
