@@ -21,11 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from flwr.app import MetricRecord, RecordDict
 
-from pipeline.config import config_from_dict
+from pipeline.config import TransportConfig, config_from_dict
+from pipeline.transport.codecs import CodecContext
+from pipeline.transport.error_feedback import ErrorFeedback
+from pipeline.transport.update import encode_update
+from pipeline.transport.wire import HEADER_KEY, record_to_update, update_to_record
 from server.local_grid import NODE_ID_BASE, LocalGrid
 from server.runner import run_server
-from tests.hostile_clients import ATTACKS, hostile_app
+from tests.hostile_clients import ATTACKS, ModelAttack, hostile_app
 
 BAND = 0.05
 ATTACKER = 4
@@ -124,6 +130,31 @@ def touched_nodes(result: Run) -> set[int]:
     """The nodes whose replies the server dropped or clipped (from its warning lines)."""
     return {int(m.split("node ")[1].split()[0]) for m in result.warnings
             if m.split(": ", 1)[-1].startswith(("dropped reply from node", "clipped the update of node"))}
+
+
+def test_the_encoded_attack_is_a_valid_reply_carrying_the_scaled_update() -> None:
+    transport = TransportConfig(**CODEC)
+    gen = torch.Generator().manual_seed(0)
+    base = {"conv.weight": torch.randn(16, 8, 3, 3, generator=gen), "bn.running_var": torch.ones(16)}
+    honest = {"conv.weight": torch.randn(16, 8, 3, 3, generator=gen), "bn.running_var": torch.rand(16, generator=gen)}
+    ctx = CodecContext(0, 2, ATTACKER)
+    record = update_to_record(encode_update(honest, transport, ctx, ErrorFeedback()))
+    layout = {k: tuple(v.shape) for k, v in base.items()}
+    sent = record_to_update(record, transport, layout, 2)
+    grid = LocalGrid(hostile_app(), 1)  # sets the sender identity every Message reads
+    reply = grid.create_message(RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 10})}),
+                                "train", NODE_ID_BASE, "")
+    ModelAttack(multiplier=-5.0, claim=99).tamper_encoded(reply, base, transport, 2, ctx)
+    arrays = reply.content["arrays"]
+    assert bytes(arrays[HEADER_KEY].data) == bytes(record[HEADER_KEY].data)  # same chain and header
+    attacked = record_to_update(arrays, transport, layout, 2)  # decodes as the server decodes it
+    assert torch.equal(attacked["bn.running_var"], sent["bn.running_var"])  # BN statistics honest
+    want = -5.0 * sent["conv.weight"]
+    assert torch.equal(attacked["conv.weight"] != 0, want != 0)  # the same top-k support
+    assert float((attacked["conv.weight"] - want).norm() / want.norm()) < 0.02  # 8-bit re-quantisation only
+    assert reply.content["metrics"]["num-examples"] == 99
+    with pytest.raises(ValueError, match="an encoded reply needs the run's transport rules"):
+        ModelAttack(multiplier=-5.0)(reply, base)
 
 
 @pytest.fixture(scope="module")
