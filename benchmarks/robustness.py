@@ -8,6 +8,12 @@ columns: honest run and each attack; cells: final test accuracy (mean over ``--s
 
     python benchmarks/robustness.py                          # 5 rounds x 5 batches, 1 seed (~5 min on 2 cores)
     python benchmarks/robustness.py --seeds 0 1 --factor 1.5 --json out.json
+    python benchmarks/robustness.py --codec --seeds 0 1     # uploads through top-k 10% + 8-bit + EF
+
+``--codec [CHAIN]``: every client uploads its update through ``CHAIN`` with error feedback (default
+``[topk(frac=0.1), qsgd(bits=8, block=256)]``); the attacker decodes its encoded reply, scales the update and
+re-encodes it with the same chain (``ModelAttack.tamper_encoded``), so the server screens it decoded. Rows:
+FedAvg as shipped, the default, and the default with direction thresholds for sparse updates.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import statistics
 import sys
 import time
@@ -31,6 +38,9 @@ from server.runner import run_server  # noqa: E402
 from tests.hostile_clients import ATTACKS, hostile_app  # noqa: E402
 
 CLIENTS = 5
+CODEC = "[topk(frac=0.1), qsgd(bits=8, block=256)]"
+#: the direction check's thresholds loosened for decoded sparse updates (cosines ~3x smaller than dense)
+SPARSE_DIRECTION = {"min_cosine": -0.05, "min_agreement": 0.02}
 
 
 def server_configs(factor: float) -> dict[str, dict]:
@@ -51,6 +61,16 @@ def server_configs(factor: float) -> dict[str, dict]:
     }
 
 
+def codec_server_configs(factor: float) -> dict[str, dict]:
+    """The rows of ``--codec``: FedAvg as shipped, the default, the default with SPARSE_DIRECTION."""
+    dense = server_configs(factor)
+    default = f"default (fedavg + clip {factor:g}x + direction drop)"
+    return {"fedavg (screen off)": dense["fedavg (screen off)"], default: dense[default],
+            f"default, direction min_cosine {SPARSE_DIRECTION['min_cosine']:g} / min_agreement "
+            f"{SPARSE_DIRECTION['min_agreement']:g}": {"update_screen": {**dense[default]["update_screen"],
+                                                                         **SPARSE_DIRECTION}}}
+
+
 def run_config(engine: dict, seed: int, args: argparse.Namespace, out: Path) -> dict:
     """The run config of one cell (everything but the engine keys is shared by the whole table)."""
     return {
@@ -60,12 +80,15 @@ def run_config(engine: dict, seed: int, args: argparse.Namespace, out: Path) -> 
         "model": {"name": "smallnet3"},
         "engine": {"kind": "flower", "rounds": args.rounds, "clients": CLIENTS, "min_train_nodes": 1, **engine},
         "train": {"batch_size": 32, "lr": args.lr, "max_batches": args.max_batches, "eval_batch_size": 500},
+        **({"transport": {"codec": args.codec, "error_feedback": True}} if args.codec else {}),
     }
 
 
 def accuracy(engine: dict, attack: str | None, seed: int, args: argparse.Namespace, out: Path) -> float:
     """Final test accuracy of one run (attack None: every client honest)."""
     cfg = config_from_dict(run_config(engine, seed, args, out))
+    # every cell is a fresh run: a codec run's node stores (error-feedback residuals) must not carry over
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
     app = hostile_app(train={args.attacker: ATTACKS[attack]} if attack else None)
     return float(run_server(LocalGrid(app, CLIENTS), cfg, cfg.run_dir)["test_accuracy"])
 
@@ -84,11 +107,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--columns", nargs="*", default=None, help="subset of honest and attack names (default: all)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/compactfl-robustness"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--codec", nargs="?", const=CODEC, default=None,
+                        help=f"upload updates through this codec chain with error feedback (default {CODEC})")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)  # per-round lines and Flower's chatter; the table is the output
 
-    configs = server_configs(args.factor)
+    configs = codec_server_configs(args.factor) if args.codec else server_configs(args.factor)
     rows = {k: v for k, v in configs.items() if args.rows is None or k in args.rows}
     columns: list[str | None] = [c for c in [None, *ATTACKS] if args.columns is None or (c or "honest") in args.columns]
     started = time.perf_counter()
@@ -102,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     names = [c or "honest" for c in columns]
     print(f"\n5 clients (IID, embedded CIFAR-10 subset, {args.train_limit} train / {args.test_limit} test images), "
           f"SmallNet-3, {args.rounds} rounds x {args.max_batches} batches of 32, lr {args.lr}, attacker = "
-          f"partition {args.attacker}, seeds {args.seeds}; final test accuracy (chance 0.10)\n")
+          f"partition {args.attacker}, seeds {args.seeds}"
+          f"{f', uploads {args.codec} + error feedback' if args.codec else ''}; final test accuracy (chance 0.10)\n")
     print("| server | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(names))
     for row, cells in table.items():
