@@ -14,7 +14,8 @@ cast to ``transport.dtype`` (or, with a ``transport.codec`` chain, the encoded u
 ``transport.communicate: compact`` receive and send the compact wire layout and keep their own factors
 (``pipeline/transport/compact_space.py``). A train message also
 carries the server's transport header (format version, codec chain, dtype): a node refuses a mismatch with
-its own run config, with the reason, as an error reply.
+its own run config, with the reason, as an error reply. Every message also carries the run key: the node
+keeps its state across rounds in that run's own folder (``node_state_folder``) and refuses a malformed key.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from clients.flower_client import local_evaluate, local_train
 from clients.node_config import NodeSettings, node_run_config, node_state_folder, read_node_settings
 from clients.transport_client import check_message_header, node_receiver, outgoing_arrays, received_state
 from pipeline.transport.downlink import BASE_KEY
+from pipeline.transport.node_store import check_run_key
 from pipeline.transport.wire import (
     CONFIG_HASH_KEY,
     CONFIG_KEY,
     CONFIG_MISSING,
     LRS_KEY,
+    RUN_KEY,
     config_from_json,
     config_hash,
     decode_record,
@@ -48,6 +51,15 @@ def _inputs(msg: Message, context: Context) -> tuple[Any, ArrayRecord, NodeSetti
     the received arrays, and this node's settings."""
     node = read_node_settings(dict(context.node_config))
     return node_run_config(config_from_json(run_config_json(msg, context)), node), msg.content["arrays"], node
+
+
+def message_run_key(msg: Message) -> str:
+    """The run key a message names (the run this node's stored state belongs to); a one-line refusal when it is
+    missing or malformed."""
+    try:
+        return check_run_key(msg.content["config"].get(RUN_KEY), f"message config {RUN_KEY!r}")
+    except ValueError as exc:
+        raise ValueError(f"node refuses the server's message: {exc}") from None
 
 
 def run_config_json(msg: Message, context: Context) -> str:
@@ -82,7 +94,7 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"train message config lacks {LRS_KEY!r} (was it sent by the compactfl ServerApp?)")
     server_round = int(config["server-round"])
     check_message_header(config, cfg, server_round)
-    folder = node_state_folder(cfg, node)
+    folder = node_state_folder(cfg, node, message_run_key(msg))
     base = received_state(cfg, config, received, server_round=server_round, state_folder=folder)
     state, metrics = local_train(cfg, base, partition_id=pid, num_partitions=n,
                                  server_round=server_round, lrs=[float(x) for x in config[LRS_KEY]],
@@ -99,6 +111,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the finalised global model on this node's shard of the test set."""
+    message_run_key(msg)  # a message of no compactfl run (or a corrupted one) is refused like a train message
     cfg, received, node = _inputs(msg, context)
     pid, n = node.partition_id, node.num_partitions
     metrics = local_evaluate(cfg, decode_record(received), partition_id=pid, num_partitions=n)

@@ -8,7 +8,9 @@ node reads comes from its node config, never from a path inside the server's mes
 - ``teacher``: a teacher checkpoint (``model.safetensors`` with ``model.json`` beside it), needed only when
   the run distils;
 - ``generator``: a CSG generator file, needed only when the run shares one (``compression.generator``);
-- ``state-dir``: where the node keeps its error-feedback residuals (default: ``data-dir``/nodes/node-PID).
+- ``state-dir``: where the node keeps its own state across rounds (error-feedback residuals, the global model
+  of the delta downlink, ExpandNet factors), one ``run-<key>`` folder per run (default:
+  ``data-dir``/nodes/node-PID).
 
 The server's ``data.root``, ``teacher.checkpoint`` (or ``teacher.model``: a deployed node never trains a
 teacher into a server-chosen folder) and ``compression.generator`` are replaced by these; a missing key or
@@ -102,11 +104,12 @@ def node_run_config(cfg: RunConfig, node: NodeSettings) -> RunConfig:
     return cfg.model_copy(update=update)
 
 
-def node_state_folder(cfg: RunConfig, node: NodeSettings) -> Path:
-    """Where this node keeps its own state across rounds and resumes: ``state-dir`` (or a folder under
-    ``data-dir``) in deployment; ``<run dir>/nodes/node-<pid>`` in simulation (one trusted machine)."""
-    from pipeline.transport.node_store import node_state_dir
+def node_state_folder(cfg: RunConfig, node: NodeSettings, run_key: str) -> Path:
+    """Where this node keeps run ``run_key``'s state across rounds and resumes: ``run-<key>`` inside
+    ``state-dir`` (or a folder under ``data-dir``) in deployment, inside ``<run dir>/nodes/node-<pid>`` in
+    simulation (one trusted machine). The key is checked (hex only) before it becomes part of a path."""
+    from pipeline.transport.node_store import node_state_dir, run_state_dir
 
     if node.data_dir is not None:
-        return node.state_dir or node_state_dir(node.data_dir, node.partition_id)
-    return node_state_dir(cfg.run_dir, node.partition_id)
+        return run_state_dir(node.state_dir or node_state_dir(node.data_dir, node.partition_id), run_key)
+    return run_state_dir(node_state_dir(cfg.run_dir, node.partition_id), run_key)

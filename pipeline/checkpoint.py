@@ -8,7 +8,9 @@
   (``<folder>/checkpoint.safetensors``; the local engine uses ``<run dir>/checkpoints/``, Ray workers a
   Ray Train checkpoint folder).
 - Round checkpoints (Flower server): global trainable state, strategy state (e.g. FedAdam moments), RNG,
-  round, history (``<run dir>/checkpoints/round-NNNN.safetensors``, the newest :data:`KEEP` kept, plus
+  round, history, the run key that names the nodes' state folders (``pipeline.transport.node_store``; None in
+  a checkpoint from before run keys) (``<run dir>/checkpoints/round-NNNN.safetensors``; checkpoints of later
+  rounds, left by an earlier run or an abandoned future, are removed, then the newest :data:`KEEP` kept; plus
   ``history.json``).
 - Both carry optional per-node state (:class:`NodeState`: a dict of tensors + JSON under a namespace).
 
@@ -279,6 +281,7 @@ class ServerCheckpoint:
     history: list[dict[str, Any]]
     rng: dict[str, Any]
     extra: dict[str, NodeState] = field(default_factory=dict)
+    run_key: str | None = None  # the run the nodes' stored state belongs to; None: written before run keys
 
 
 def save_round_checkpoint(ckpt_dir: Path, ckpt: ServerCheckpoint, cfg: RunConfig) -> Path:
@@ -290,13 +293,20 @@ def save_round_checkpoint(ckpt_dir: Path, ckpt: ServerCheckpoint, cfg: RunConfig
     extra_tensors, extra_meta = _extra_to_file(ckpt.extra)
     tensors.update({**rng_tensors, **extra_tensors})
     meta = {"kind": "round", "round": ckpt.round, "history": ckpt.history, "config": config_fingerprint(cfg),
-            "rng": rng_meta, "extra": extra_meta}
+            "rng": rng_meta, "extra": extra_meta, **({"run_key": ckpt.run_key} if ckpt.run_key else {})}
     path = write_checkpoint(ckpt_dir / f"round-{ckpt.round:04d}.safetensors", tensors, meta)
     (ckpt_dir / "history.tmp").write_text(json.dumps(ckpt.history, default=float))
     os.replace(ckpt_dir / "history.tmp", ckpt_dir / "history.json")
+    for later in [p for p in list_round_checkpoints(ckpt_dir) if _round_of(p) > ckpt.round]:
+        later.unlink(missing_ok=True)  # an earlier run's (or an abandoned future's) rounds never outrank this one
     for old in list_round_checkpoints(ckpt_dir)[:-KEEP]:
         old.unlink(missing_ok=True)
     return path
+
+
+def _round_of(path: Path) -> int:
+    match = _ROUND_FILE.search(path.name)
+    return int(match.group(1)) if match else -1
 
 
 def list_round_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -319,6 +329,7 @@ def load_round_checkpoint(path: Path, cfg: RunConfig | None = None) -> ServerChe
         strategy_state={k: v.numpy() for k, v in _section(tensors, "strategy/").items()},
         history=list(meta["history"]), rng=_rng_from_file(tensors, meta["rng"]),
         extra=_extra_from_file(tensors, meta.get("extra", {})),
+        run_key=meta.get("run_key"),
     )
 
 

@@ -30,12 +30,14 @@ from pipeline.modeling import build_training_model
 from pipeline.tracking import track_history
 from pipeline.train import evaluate, lr_at, resolve_device, seed_everything
 from pipeline.transport.compact_space import LIFT_RESIDUAL_KEY, CompactSpace, compact_space
+from pipeline.transport.node_store import check_run_key, claim_node_stores, legacy_run_key, new_run_key
 from pipeline.transport.update import header
 from pipeline.transport.wire import (
     CONFIG_HASH_KEY,
     CONFIG_KEY,
     HEADER_KEY,
     LRS_KEY,
+    RUN_KEY,
     config_hash,
     config_to_json,
     decode_record,
@@ -142,6 +144,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         strategy.set_num_partitions(nodes)
     evaluator = CentralEvaluator(cfg, model)
     log_partitions(cfg)
+    run_key, legacy = new_run_key(), False  # a fresh run: nodes keep its state apart from any earlier run's
     if cfg.resume:
         ckpt = latest_round_checkpoint(ckpt_dir, cfg)
         if ckpt is None:
@@ -150,16 +153,21 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             state, history, first_round = ckpt.global_state, ckpt.history, ckpt.round + 1
             strategy.load_state_arrays(ckpt.strategy_state)
             restore_rng(ckpt.rng)
+            legacy = ckpt.run_key is None  # written before run keys: a stable key from the run name
+            run_key = check_run_key(ckpt.run_key or legacy_run_key(cfg.name), f"checkpoint {ckpt_dir} run_key")
             log.info("resume: continuing after round %d from %s", ckpt.round, ckpt_dir)
+    for stale in claim_node_stores(run_dir, run_key, adopt_flat_files=legacy):
+        log.info("removed node state of another run: %s", stale)
     cfg_json = config_to_json(cfg)
     cfg_hash = config_hash(cfg_json)
 
     def round_config(rnd: int) -> ConfigRecord:
         """What every train/evaluate message of round ``rnd`` carries: the run config (its JSON only in the first
-        message to each node, the strategy strips it from later ones), the round's LRs and the transport header
-        (format version, codec chain, dtype) that nodes check against their config."""
+        message to each node, the strategy strips it from later ones), the round's LRs, the transport header
+        (format version, codec chain, dtype) that nodes check against their config, and the run key that names
+        the nodes' state folders."""
         return ConfigRecord({CONFIG_KEY: cfg_json, CONFIG_HASH_KEY: cfg_hash, LRS_KEY: round_lrs(cfg, rnd),
-                             HEADER_KEY: json.dumps(header(cfg.transport, rnd), sort_keys=True)})
+                             HEADER_KEY: json.dumps(header(cfg.transport, rnd), sort_keys=True), RUN_KEY: run_key})
 
     def on_round(rnd: int, arrays: ArrayRecord, train_m: MetricRecord | None, eval_m: MetricRecord | None,
                  seconds: float) -> None:
@@ -180,7 +188,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                  record["bytes_up_per_client"], record["bytes_down"],
                  record["replies_ok"], record["replies_failed"], record["replies_dropped"], record["replies_clipped"])
         save_round_checkpoint(ckpt_dir, ServerCheckpoint(rnd, global_state, strategy.state_arrays(), history,
-                                                   capture_rng()), cfg)
+                                                   capture_rng(), run_key=run_key), cfg)
         track_history(cfg, run_dir, history)
 
     final = to_numpy_record(state)

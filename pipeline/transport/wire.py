@@ -49,6 +49,8 @@ HEADER_KEY = "transport-header"
 MAX_HEADER_BYTES = 4096
 #: a train message's learning rates, one per local epoch, from the run's schedule on the global epoch count
 LRS_KEY = "compactfl-lrs"
+#: every train/evaluate message's run key: the run a node's stored state belongs to (``node_store.check_run_key``)
+RUN_KEY = "compactfl-run-key"
 
 
 def encode_tensor(tensor: torch.Tensor) -> Array:

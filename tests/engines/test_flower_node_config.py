@@ -42,13 +42,16 @@ def test_simulation_nodes_keep_the_run_config_and_partition_keys_are_required(tm
 
 def test_node_state_lives_in_the_nodes_own_folder_never_a_server_path(tmp_path: Path) -> None:
     cfg = config_from_dict(raw_config(tmp_path))
+    key = "5f" * 16  # each run's state has its own folder inside the node's
     sim = read_node_settings({"partition-id": 1, "num-partitions": 3})
-    assert node_state_folder(cfg, sim) == cfg.run_dir / "nodes" / "node-1"
+    assert node_state_folder(cfg, sim, key) == cfg.run_dir / "nodes" / "node-1" / f"run-{key}"
     own = read_node_settings({"partition-id": 1, "num-partitions": 3, "data-dir": str(tmp_path / "n1"),
                               "state-dir": str(tmp_path / "state")})
-    assert node_state_folder(cfg, own) == tmp_path / "state"
+    assert node_state_folder(cfg, own, key) == tmp_path / "state" / f"run-{key}"
     default = read_node_settings({"partition-id": 1, "num-partitions": 3, "data-dir": str(tmp_path / "n1")})
-    assert node_state_folder(cfg, default) == tmp_path / "n1" / "nodes" / "node-1"
+    assert node_state_folder(cfg, default, key) == tmp_path / "n1" / "nodes" / "node-1" / f"run-{key}"
+    with pytest.raises(ValueError, match="run key must be 32 lowercase hex characters"):
+        node_state_folder(cfg, own, "../" + key[3:])
     with pytest.raises(ValueError, match="no 'data-dir'"):
         read_node_settings({"partition-id": 0, "num-partitions": 3, "state-dir": "/s"})
 

@@ -13,12 +13,21 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.app import app as client_app
+from pipeline.checkpoint import latest_round_checkpoint
 from pipeline.config import ConfigError, config_from_dict, load_config
 from pipeline.report import summary_rows
 from pipeline.transport.error_feedback import ErrorFeedback
-from pipeline.transport.node_store import load_residuals, node_state_dir, save_residuals
+from pipeline.transport.node_store import (
+    claim_node_stores,
+    legacy_run_key,
+    load_residuals,
+    node_state_dir,
+    run_state_dir,
+    save_residuals,
+    save_round,
+)
 from pipeline.transport.update import header
-from pipeline.transport.wire import CONFIG_KEY, HEADER_KEY, decode_array, encode_tensor
+from pipeline.transport.wire import CONFIG_KEY, HEADER_KEY, RUN_KEY, decode_array, encode_tensor
 from server.local_grid import LocalGrid
 from server.runner import run_server
 from tests.hostile_clients import hostile_app
@@ -27,9 +36,9 @@ TOPK = ["topk(frac=0.01)"]
 
 
 def codec_config(tmp_path: Path, name: str = "codec", codec=TOPK, ef: bool = True, rounds: int = 2,
-                 **engine) -> dict:
+                 seed: int = 3, **engine) -> dict:
     return {
-        "name": name, "seed": 3, "device": "cpu", "output": str(tmp_path),
+        "name": name, "seed": seed, "device": "cpu", "output": str(tmp_path),
         "data": {"train_limit": 96, "test_limit": 32, "augment": False, "partition": {"kind": "iid"}},
         "model": {"name": "smallnet3"},
         "engine": {"kind": "flower", "rounds": rounds, "clients": 3, "min_train_nodes": 1, **engine},
@@ -46,6 +55,12 @@ def run(raw: dict, app=client_app) -> dict:
 
 def history(run_dir: Path) -> list[dict]:
     return json.loads((Path(run_dir) / "metrics.json").read_text())["history"]
+
+
+def run_store(run_dir: Path, pid: int) -> Path:
+    """Node ``pid``'s state folder of the run in ``run_dir`` (the run's key is in its round checkpoint)."""
+    key = latest_round_checkpoint(Path(run_dir) / "checkpoints").run_key
+    return run_state_dir(node_state_dir(run_dir, pid), key)
 
 
 def test_topk_uploads_are_encoded_sizes_far_below_dense_and_residuals_carry(tmp_path: Path) -> None:
@@ -66,7 +81,7 @@ def test_topk_uploads_are_encoded_sizes_far_below_dense_and_residuals_carry(tmp_
     assert dense["upload_compression"] == pytest.approx(1.0, rel=0.01)
     # error feedback: every node has a residual file per round (two kept), and the residual is nonzero
     for pid in range(3):
-        folder = node_state_dir(tmp_path / "codec", pid)
+        folder = run_store(tmp_path / "codec", pid)
         assert sorted(p.name for p in folder.iterdir()) == ["ef-round-1.safetensors", "ef-round-2.safetensors"]
         fb = load_residuals(folder, 3, 1.0)
         assert fb.norm() > 0 and set(fb.rounds.values()) == {2}
@@ -76,11 +91,18 @@ def test_resume_with_error_feedback_is_bit_identical(tmp_path: Path) -> None:
     whole = run(codec_config(tmp_path / "a", "run", rounds=3))
     assert whole["rounds"] == 3
     run(codec_config(tmp_path / "b", "run", rounds=2))
+    key = latest_round_checkpoint(tmp_path / "b" / "run" / "checkpoints").run_key
     resumed = run(codec_config(tmp_path / "b", "run", rounds=3) | {"resume": True})
     assert resumed["rounds"] == 3
     a = safetensors.torch.load_file(str(tmp_path / "a" / "run" / "model.safetensors"))
     b = safetensors.torch.load_file(str(tmp_path / "b" / "run" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the resumed run is the same run: same key, one folder per node, its files of rounds 2 and 3
+    assert latest_round_checkpoint(tmp_path / "b" / "run" / "checkpoints").run_key == key
+    for pid in range(3):
+        assert [p.name for p in node_state_dir(tmp_path / "b" / "run", pid).iterdir()] == [f"run-{key}"]
+        assert sorted(p.name for p in run_store(tmp_path / "b" / "run", pid).iterdir()) == \
+            ["ef-round-2.safetensors", "ef-round-3.safetensors"]
 
 
 def test_store_reads_the_newest_earlier_round_so_a_rerun_round_repeats(tmp_path: Path) -> None:
@@ -95,11 +117,51 @@ def test_store_reads_the_newest_earlier_round_so_a_rerun_round_repeats(tmp_path:
     assert torch.allclose(aged, torch.full((3,), 0.25))
 
 
+def test_writing_a_round_removes_later_rounds_before_keeping_the_two_newest(tmp_path: Path) -> None:
+    for rnd in (3, 4, 5):  # an abandoned future (or, before run keys, another run's files)
+        save_round(tmp_path, "ef", rnd, {"w": torch.full((2,), float(rnd))})
+    save_round(tmp_path, "global", 9, {"w": torch.zeros(2)})  # another kind is left alone
+    save_round(tmp_path, "ef", 1, {"w": torch.ones(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ef-round-1.safetensors", "global-round-9.safetensors"]
+    save_round(tmp_path, "ef", 2, {"w": torch.ones(2)})
+    save_round(tmp_path, "ef", 4, {"w": torch.ones(2)})  # a later round keeps the two newest, as before
+    assert sorted(p.name for p in tmp_path.glob("ef-*")) == ["ef-round-2.safetensors", "ef-round-4.safetensors"]
+
+
+def test_run_keys_are_checked_before_they_name_a_folder(tmp_path: Path) -> None:
+    key = "0123456789abcdef" * 2
+    assert run_state_dir(tmp_path, key) == tmp_path / f"run-{key}"
+    assert len(legacy_run_key("codec")) == 32 and legacy_run_key("codec") == legacy_run_key("codec")
+    for bad in ("../" * 11, key.upper(), key[:-1], key + "0", f"{key[:31]}/", None, 12, "x" * 500):
+        with pytest.raises(ValueError, match="run key must be 32 lowercase hex characters, got"):
+            run_state_dir(tmp_path, bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError) as info:
+        run_state_dir(tmp_path, "x" * 500)
+    assert len(str(info.value)) < 120 and "\n" not in str(info.value)
+
+
+def test_the_simulation_server_clears_other_runs_node_state_and_adopts_a_pre_key_runs_files(tmp_path: Path) -> None:
+    mine, other = "a" * 32, "b" * 32
+    node = node_state_dir(tmp_path, 0)
+    save_round(run_state_dir(node, mine), "ef", 2, {"w": torch.ones(1)})
+    save_round(run_state_dir(node, other), "ef", 7, {"w": torch.ones(1)})
+    save_round(node, "ef", 3, {"w": torch.ones(1)})  # flat: written before run keys
+    (node / "notes.txt").write_text("not ours")  # anything else is left alone
+    removed = claim_node_stores(tmp_path, mine)
+    assert sorted(p.name for p in removed) == ["ef-round-3.safetensors", f"run-{other}"]
+    assert sorted(p.name for p in node.iterdir()) == ["notes.txt", f"run-{mine}"]
+    assert [p.name for p in run_state_dir(node, mine).iterdir()] == ["ef-round-2.safetensors"]
+    save_round(node, "global", 3, {"w": torch.ones(1)})
+    legacy = legacy_run_key("codec")  # resuming a checkpoint from before run keys: its flat files are its own
+    assert claim_node_stores(tmp_path, legacy, adopt_flat_files=True)[0].name == f"run-{mine}"
+    assert [p.name for p in run_state_dir(node, legacy).iterdir()] == ["global-round-3.safetensors"]
+
+
 def test_a_node_skipping_rounds_keeps_its_residual(tmp_path: Path) -> None:
     run(codec_config(tmp_path, rounds=3, fraction=0.34))  # one node per round: the others skip it
     last_round = {}
     for pid in range(3):
-        folder = node_state_dir(tmp_path / "codec", pid)
+        folder = run_store(tmp_path / "codec", pid)
         rounds = sorted(int(p.stem.rsplit("-", 1)[1]) for p in folder.glob("ef-round-*.safetensors"))
         if rounds:
             fb = load_residuals(folder, 4, 1.0)  # what the node would use in round 4
@@ -116,7 +178,8 @@ def _train_message(cfg_raw: dict, head: dict) -> tuple[Message, Context]:
     cfg = config_from_dict(cfg_raw)
     state = models.trainable_state(build_training_model(cfg))
     content = RecordDict({"arrays": encode_state(state), "config": ConfigRecord({
-        CONFIG_KEY: config_to_json(cfg), LRS_KEY: [0.05], "server-round": 2, HEADER_KEY: json.dumps(head)})})
+        CONFIG_KEY: config_to_json(cfg), LRS_KEY: [0.05], "server-round": 2, HEADER_KEY: json.dumps(head),
+        RUN_KEY: "c" * 32})})
     msg = Message(content, 1000, "train")
     ctx = Context(run_id=0, node_id=1000, node_config={"partition-id": 0, "num-partitions": 3},
                   state=RecordDict(), run_config={})
@@ -129,6 +192,21 @@ def test_a_node_refuses_a_chain_mismatch_with_a_reason(tmp_path: Path) -> None:
     msg, ctx = _train_message(raw, header(other, 2))
     with pytest.raises(ValueError, match="node refuses the server's message: transport header: codec 'sign'"):
         client_app(msg, ctx)
+
+
+@pytest.mark.parametrize("key", ["../../tmp/x" + "0" * 21, "C" * 32, "c" * 31, 7, None])
+def test_a_node_refuses_a_malformed_run_key_with_a_one_line_reason(tmp_path: Path, key) -> None:
+    raw = codec_config(tmp_path)
+    msg, ctx = _train_message(raw, header(config_from_dict(raw).transport, 2))
+    if key is None:
+        del msg.content["config"][RUN_KEY]
+    else:
+        msg.content["config"][RUN_KEY] = key
+    with pytest.raises(ValueError, match=f"node refuses the server's message: message config '{RUN_KEY}' must be "
+                                         "32 lowercase hex characters") as info:
+        client_app(msg, ctx)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "codec").exists()  # refused before anything was written
 
 
 def test_malformed_encoded_replies_are_dropped_not_fatal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -189,7 +267,7 @@ def test_delta_downlink_goes_to_nodes_holding_the_previous_round_and_full_to_the
         pid, config = int(context.node_config["partition-id"]), msg.content["config"]
         seen.append((int(config["server-round"]), pid, str(config["downlink"]), int(config["base-round"])))
         if (int(config["server-round"]), pid) == (3, 2):  # node 2 restarted without its folder (a stale base)
-            for f in node_state_dir(tmp_path / "codec", 2).glob("global-round-*"):
+            for f in node_state_dir(tmp_path / "codec", 2).glob("run-*/global-round-*"):
                 f.unlink()
         return client_app(msg, context)
 
@@ -218,6 +296,20 @@ def test_resume_with_delta_downlink_is_bit_identical(tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     down_a = [r["bytes_down_per_client"] for r in history(tmp_path / "a" / "run")]
     assert down_a[1] < down_a[0] / 2  # round 2 sends the 8-bit change, round 1 the fp32 model
+
+
+def test_a_fresh_run_into_a_dir_holding_an_earlier_runs_node_state_matches_one_into_an_empty_dir(
+        tmp_path: Path) -> None:
+    raw = {"transport": DELTA_TRANSPORT}  # error feedback and the delta downlink: both keep files per round
+    run(codec_config(tmp_path / "empty", "run", rounds=3) | raw)
+    run(codec_config(tmp_path / "used", "run", rounds=5, seed=4) | raw)  # an earlier run, further along
+    run(codec_config(tmp_path / "used", "run", rounds=3) | raw)  # a fresh run (not a resume) of the same name
+    a = safetensors.torch.load_file(str(tmp_path / "empty" / "run" / "model.safetensors"))
+    b = safetensors.torch.load_file(str(tmp_path / "used" / "run" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    keys = ("train_loss", "test_loss", "replies_ok", "replies_failed", "bytes_up", "bytes_down")
+    assert [[r[k] for k in keys] for r in history(tmp_path / "empty" / "run")] == \
+        [[r[k] for k in keys] for r in history(tmp_path / "used" / "run")]
 
 
 def test_dense_warmup_rounds_send_dense_updates_first(tmp_path: Path) -> None:

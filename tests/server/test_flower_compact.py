@@ -13,10 +13,11 @@ import torch
 
 import models
 from clients.app import app as client_app
+from pipeline.checkpoint import latest_round_checkpoint
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.modeling import build_compact_model
 from pipeline.transport.compact_space import compact_space
-from pipeline.transport.node_store import FACTORS, load_latest, node_state_dir
+from pipeline.transport.node_store import FACTORS, load_latest, node_state_dir, run_state_dir
 from pipeline.transport.wire import encode_state, record_nbytes
 from server.local_grid import LocalGrid
 from server.runner import run_server
@@ -48,6 +49,11 @@ def run(raw: dict) -> dict:
 
 def history(run_dir: Path) -> list[dict]:
     return json.loads((Path(run_dir) / "metrics.json").read_text())["history"]
+
+
+def run_store(run_dir: Path, pid: int) -> Path:
+    """Node ``pid``'s state folder of the run in ``run_dir`` (the run's key is in its round checkpoint)."""
+    return run_state_dir(node_state_dir(run_dir, pid), latest_round_checkpoint(Path(run_dir) / "checkpoints").run_key)
 
 
 def test_smallnet7_ck_layout_image_conv_falls_back_inner_layers_travel_compact(tmp_path: Path) -> None:
@@ -114,7 +120,7 @@ def test_compact_run_learns_deploys_the_global_layout_and_nodes_hold_lifted_fact
     global_1 = {k.removeprefix("global/"): v for k, v in safetensors.torch.load_file(str(ckpt[0])).items()
                 if k.startswith("global/")}
     assert set(global_1) == set(space.keys)
-    own = load_latest(node_state_dir(tmp_path / "run", 0), FACTORS, 2)
+    own = load_latest(run_store(tmp_path / "run", 0), FACTORS, 2)
     assert own is not None and own[0] == 1
     node = space.holding(own[1])
     report = space.receive(node, global_1)
@@ -182,7 +188,7 @@ def test_nodes_that_skip_rounds_or_join_late_lift_into_their_own_or_the_seeded_f
     assert [r["replies_ok"] for r in hist] == [1, 1, 1] and all(r["lift_residual"] < 1e-4 for r in hist)
     trained = {}
     for pid in range(3):
-        folder = node_state_dir(tmp_path / "turns", pid)
+        folder = run_store(tmp_path / "turns", pid)
         trained[pid] = sorted(int(p.stem.rsplit("-", 1)[1]) for p in folder.glob("factors-round-*.safetensors"))
     rounds = sorted(r for rs in trained.values() for r in rs)
     assert rounds == [1, 2, 3], trained

@@ -202,6 +202,19 @@ def test_checkpoint_round_trip_restores_rng_and_refuses_another_config(tmp_path:
     other = config_from_dict({**tiny_config(tmp_path), "model": {"name": "smallnet7"}})
     with pytest.raises(ResumeError, match="different model.name"):
         latest_round_checkpoint(tmp_path / "ck", other)
+    assert ckpt.run_key is None  # written without a run key (as before run keys existed)
+
+
+def test_a_fresh_runs_round_checkpoint_removes_later_rounds_and_carries_its_run_key(tmp_path: Path) -> None:
+    cfg = config_from_dict(tiny_config(tmp_path))
+    for rnd in (4, 5):  # an earlier run of the same name, further along
+        save_round_checkpoint(tmp_path / "ck", ServerCheckpoint(rnd, {"w": torch.zeros(2)}, {}, [], capture_rng(),
+                                                                run_key="a" * 32), cfg)
+    save_round_checkpoint(tmp_path / "ck", ServerCheckpoint(1, {"w": torch.ones(2)}, {}, [], capture_rng(),
+                                                            run_key="b" * 32), cfg)
+    assert [p.name for p in list_round_checkpoints(tmp_path / "ck")] == ["round-0001.safetensors"]
+    ckpt = latest_round_checkpoint(tmp_path / "ck", cfg)
+    assert (ckpt.round, ckpt.run_key) == (1, "b" * 32) and torch.equal(ckpt.global_state["w"], torch.ones(2))
 
 
 # ------------------------------------------------------------------------------------------- flwr run
