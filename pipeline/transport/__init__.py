@@ -8,7 +8,7 @@
 - :mod:`pipeline.transport.update`: a whole update through the ``transport`` config's per-tensor rules;
 - :mod:`pipeline.transport.downlink`: the ``delta`` downlink (the global model's compressed change) that
   server and nodes apply with the same operations;
-- :mod:`pipeline.transport.node_store`: a node's own state per round (residuals, the global model it holds,
+- :mod:`pipeline.transport.node_store`: a node's own state per run and round (residuals, the global model it holds,
   an ExpandNet node's own factors);
 - :mod:`pipeline.transport.compact_space`: the wire layout of federated ExpandNets sent as the compact net
   (``transport.communicate: compact``), shared by server and nodes;

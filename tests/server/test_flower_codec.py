@@ -105,6 +105,28 @@ def test_resume_with_error_feedback_is_bit_identical(tmp_path: Path) -> None:
             ["ef-round-2.safetensors", "ef-round-3.safetensors"]
 
 
+def test_a_checkpoint_from_before_run_keys_resumes_bit_identical_with_its_flat_node_files(tmp_path: Path) -> None:
+    from pipeline.checkpoint import list_round_checkpoints, read_checkpoint, write_checkpoint
+
+    run(codec_config(tmp_path / "a", "run", rounds=3))
+    run(codec_config(tmp_path / "b", "run", rounds=2))
+    old = tmp_path / "b" / "run"
+    for pid in range(3):  # the layout before run keys: files straight in the node's folder
+        for f in run_store(old, pid).iterdir():
+            f.rename(node_state_dir(old, pid) / f.name)
+        run_store(old, pid).rmdir()
+    for path in list_round_checkpoints(old / "checkpoints"):
+        tensors, meta = read_checkpoint(path)
+        del meta["run_key"]
+        write_checkpoint(path, tensors, meta)
+    run(codec_config(tmp_path / "b", "run", rounds=3) | {"resume": True})
+    a = safetensors.torch.load_file(str(tmp_path / "a" / "run" / "model.safetensors"))
+    b = safetensors.torch.load_file(str(old / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert latest_round_checkpoint(old / "checkpoints").run_key == legacy_run_key("run")  # kept from now on
+    assert [p.name for p in node_state_dir(old, 0).iterdir()] == [f"run-{legacy_run_key('run')}"]
+
+
 def test_store_reads_the_newest_earlier_round_so_a_rerun_round_repeats(tmp_path: Path) -> None:
     fb = ErrorFeedback()
     fb.record("w", torch.ones(3), torch.zeros(3), 1)
