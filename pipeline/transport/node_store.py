@@ -85,6 +85,8 @@ def claim_node_stores(run_dir: Path, run_key: str, adopt_flat_files: bool = Fals
     for node in sorted(p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"node-\d+", p.name)):
         mine = run_state_dir(node, run_key)
         for entry in sorted(node.iterdir()):
+            if entry.is_symlink():  # never follow a link out of the run dir
+                continue
             if entry.is_dir() and _RUN_FOLDER.fullmatch(entry.name) and entry != mine:
                 shutil.rmtree(entry)
                 removed.append(entry)
