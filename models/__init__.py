@@ -14,7 +14,7 @@ from models.counting import count_macs, count_params
 from models.csg import csg_compress, materialize
 from models.expandnets import contract, expand, init_from_expanded
 from models.finalize import finalize, has_reparameterized
-from models.lift import LayerLift, LiftReport, lift, seeded_expansion
+from models.lift import LayerLift, LiftReport, balance, lift, seeded_expansion
 from models.registry import build, build_from_spec, list_models, model_spec, register
 from models.state import (
     cast_state,
@@ -30,5 +30,5 @@ __all__ = [
     "cast_state", "load_trainable_state", "payload_bytes", "serialize_state",
     "trainable_state",
     "expand", "contract", "init_from_expanded", "csg_compress", "materialize", "cheapen",
-    "lift", "seeded_expansion", "LiftReport", "LayerLift",
+    "lift", "balance", "seeded_expansion", "LiftReport", "LayerLift",
 ]

@@ -11,7 +11,8 @@ feedback, the delta downlink, checkpoints) only sees a state dict in this layout
 
 - :meth:`CompactSpace.wire_state`: a trained chain -> its wire state (contract the compact layers);
 - :meth:`CompactSpace.receive`: a received wire state -> a node's OWN factors, in place (fallback factors and
-  plain tensors loaded, compact layers lifted with the minimal-norm correction), returning the LiftReport;
+  plain tensors loaded, compact layers lifted with the minimal-norm correction, their chains balanced before
+  and after: see ``models.balance``), returning the LiftReport;
 - :meth:`CompactSpace.materialize`: a wire state -> a fresh training-time model (the seeded expansion with the
   state received), what the server evaluates and deploys (``models.finalize`` contracts it).
 """
@@ -114,7 +115,11 @@ class CompactSpace:
                 target[prefix + "weight"] = w.detach()
                 if b is not None:
                     target[prefix + "bias"] = b.detach()
-        return lift(model, target)
+        fallback = tuple(self.layout.fallback)
+        models.balance(model, skip=fallback)  # a well-conditioned map for the correction ...
+        report = lift(model, target)
+        models.balance(model, skip=fallback)  # ... and no factor left to grow round after round (models.lift)
+        return report
 
     def holding(self, factors: dict[str, torch.Tensor]) -> nn.Module:
         """A fresh training-time model holding ``factors`` (its full ``models.trainable_state``)."""

@@ -285,3 +285,39 @@ def test_a_shared_expanded_layer_is_refused():
     e = models.expand(nn.Sequential(conv, nn.ReLU(), conv), "cl", rate=2)
     with pytest.raises(ValueError, match="shared by '0', '2'"):
         lift(e, models.trainable_state(models.contract(e)))
+
+
+@pytest.mark.parametrize("strategy,make,rate", [pytest.param(*c[:3], id=c[4]) for c in CASES])
+def test_balance_equalises_factor_norms_and_keeps_the_contraction(strategy, make, rate):
+    """Rescaled factors (one blown up, one shrunk, as repeated lifting leaves them) contract exactly as before,
+    in float64, in both modes; a skipped layer is untouched."""
+    torch.manual_seed(3)
+    net = make().double()
+    e = models.expand(net, strategy, rate=rate).double().eval()
+    layers = expanded_layers(e)
+    with torch.no_grad():
+        for bn in (m for m in e.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 1.5)
+        for _, layer in layers:
+            layer.chain[-1].weight.mul_(1e6)
+            layer.chain[0].weight.mul_(1e-6)
+            for conv in layer.chain:
+                if conv.bias is not None:
+                    conv.bias.normal_()
+    before = models.trainable_state(models.contract(e))
+    x = torch.randn(2, 3, 11, 13, dtype=torch.float64)
+    y = set_mode(e, "fused")(x).detach()
+    skipped = layers[0][0]
+    untouched = [c.weight.detach().clone() for c in layers[0][1].chain]
+    models.balance(e, skip=(skipped,))
+    for path, layer in layers:
+        norms = torch.stack([c.weight.detach().norm() for c in layer.chain])
+        if path == skipped:
+            assert all(torch.equal(a, c.weight) for a, c in zip(untouched, layer.chain, strict=True))
+        else:
+            assert (norms.max() / norms.min()).item() == pytest.approx(1.0, rel=1e-9), path
+    after = models.trainable_state(models.contract(e))
+    assert all(rel_err(after[k], v) <= TOL for k, v in before.items() if v.abs().max() > 0)
+    for m in ("fused", "explicit"):
+        assert rel_err(set_mode(e, m)(x), y) <= TOL, m
