@@ -5,20 +5,30 @@ decoded states), so dense replies and decoded codec updates are screened alike. 
 the strategy is ``base + update``, so Flower's strategies keep their meaning. Two stages (``engine.update_screen``):
 
 1. Direction check (``direction: drop``, default; ``off``). For each reply, the cosine of its parameter update
-   with the coordinate-wise median of the *other* replies' updates; a reply below ``min_cosine`` (-0.2) is
-   dropped with a reason. A norm screen cannot see a normal-sized update that points backwards: it cancels
-   about one honest client's progress per round (robustness benchmark, seeds 0-1: a sign-flipped client cost
-   the norm screen alone 5.5-6.0 pp; with this check 1.2 pp). The reference leaves the reply out because the
-   median of all replies leans towards an outlier's sign on every coordinate where honest values straddle
-   zero (measured: a flipped update had cosine -0.07 .. -0.3 with the full median, -0.3 .. -0.5 with the
-   others'). It acts only when the replies agree: at least ``direction_min_replies`` (4; the others' median
-   needs an honest majority) and a round median cosine >= ``min_agreement`` (0.1; measured 0.32-0.47 in
-   honest IID rounds, 0.14-0.22 with a flipped client). Honest updates of strongly non-IID clients disagree
-   (others'-median cosines down to -0.38 on Dirichlet 0.1 and shard splits, round medians below 0) and
-   decoded top-k 1% updates barely overlap (cosines ~0): such rounds are left to the norm screen, and no
-   honest reply was dropped in any case of ``benchmarks/direction_check.py``. Dropping rather than
-   projecting out the backward component: projection, measured with an earlier full-median reference, left
-   the attacker's orthogonal noise in (0.254 vs 0.273 for drop, seed 0).
+   with the coordinate-wise median of the *other* replies' updates; the round's *agreement* is the median of
+   these cosines. A reply is dropped, with a reason, when its cosine is below ``-backward_ratio`` (1) x the
+   agreement: it points against the round at least as strongly as a typical reply points with it. A norm
+   screen cannot see a normal-sized update that points backwards: it cancels about one honest client's
+   progress per round (robustness benchmark, seeds 0-1: a sign-flipped client cost the norm screen alone
+   5.5-6.0 pp; with this check 1.2 pp). The reference leaves the reply out because the median of all replies
+   leans towards an outlier's sign on every coordinate where honest values straddle zero.
+   The thresholds are relative to the round's own cosines because their scale depends on the upload: decoded
+   top-k 10% updates overlap less, so every cosine shrinks about 3x (honest 0.03-0.3, agreement 0.06-0.29,
+   a flipped attacker -0.11 .. -0.30, against 0.2-0.5 / 0.11-0.29 / -0.21 .. -0.48 dense); the earlier
+   absolute thresholds (drop below -0.2, act at agreement >= 0.1), set on dense updates, switched the check
+   off after round 1 under the codec and lost 7-8 pp. Measured over every logged round (dense and codec
+   robustness runs, seeds 0-1, and ``benchmarks/direction_check.py``): the attacker had cosine <= -1.27 x
+   the agreement, honest replies in rounds where the check acts >= -0.35 x.
+   The check acts only when the replies agree: at least ``direction_min_replies`` (4; the others' median
+   needs an honest majority), agreement >= ``min_agreement`` (0.01: clearly above zero) and agreement >=
+   ``agreement_over_spread`` (1) x the cosines' robust spread (1.4826 x their median absolute deviation,
+   which one outlier cannot inflate). Honest updates of strongly non-IID clients disagree (others'-median
+   cosines down to -0.38 on Dirichlet 0.1 and shard splits, agreement below 0), and decoded top-k 1%
+   updates on a Dirichlet 0.3 split had rounds with agreement ~0 and one honest reply at -0.29: relative to
+   a near-zero agreement anything is far, so such rounds (agreement / spread 0.0 and 0.67 there, >= 1.25 in
+   every attacked dense or top-k 10% round) are left to the norm screen; no honest reply was dropped in any
+   measured round. Dropping rather than projecting out the backward component: projection left the
+   attacker's orthogonal noise in (0.254 vs 0.273 for drop, seed 0).
 2. Norm screen, each group against its own median: the parameters, and the BN running statistics (left out of
    the parameter norm because their scale is unrelated to the weights'; bounded on their own so that nobody
    can poison the deployed model's normalisation either). With ``m`` the round's median norm of a group and
@@ -61,7 +71,7 @@ class ScreenedUpdate:
     norms: dict[str, float]
     action: str  # "kept" | "clipped" | "dropped"
     reason: str | None = None
-    cosine: float | None = None  # with the round's median update, where the direction check ran
+    cosine: float | None = None  # with the other replies' median update, where the direction check ran
 
 
 def group_of(key: str) -> str:
@@ -108,9 +118,17 @@ def direction_cosines(base: Mapping[str, torch.Tensor], replies: Sequence[Mappin
     return out
 
 
+def round_agreement(cosines: Sequence[float | None]) -> tuple[float, float]:
+    """The round's agreement (median cosine; None counts as 0) and the cosines' robust spread (1.4826 x MAD)."""
+    values = [c if c is not None else 0.0 for c in cosines]
+    agreement = statistics.median(values)
+    return agreement, 1.4826 * statistics.median(abs(c - agreement) for c in values)
+
+
 def screen_updates(base: Mapping[str, torch.Tensor], replies: Sequence[Mapping[str, torch.Tensor]],
-                   kind: str, factor: float, direction: str = "off", min_cosine: float = -0.2,
-                   min_agreement: float = 0.1, direction_min_replies: int = 4) -> list[ScreenedUpdate]:
+                   kind: str, factor: float, direction: str = "off", backward_ratio: float = 0.5,
+                   min_agreement: float = 0.01, agreement_over_spread: float = 1.0,
+                   direction_min_replies: int = 4) -> list[ScreenedUpdate]:
     """Screen every reply's update: the direction check, then ``factor`` x the round's median norm per group."""
     if kind not in SCREEN_KINDS:
         raise ValueError(f"engine.update_screen.kind must be {', '.join(SCREEN_KINDS)}, got {kind!r}")
@@ -123,13 +141,15 @@ def screen_updates(base: Mapping[str, torch.Tensor], replies: Sequence[Mapping[s
     cosines: list[float | None] = [None] * len(replies)
     if direction != "off" and len(replies) >= max(direction_min_replies, 3):
         cosines = direction_cosines(base, replies)
-        agreement = statistics.median(c if c is not None else 0.0 for c in cosines)
+        agreement, spread = round_agreement(cosines)
+        agrees = agreement >= min_agreement and agreement >= agreement_over_spread * spread
         for i, cos in enumerate(cosines):
-            if cos is None or cos >= min_cosine or agreement < min_agreement:
+            if not agrees or cos is None or cos >= -backward_ratio * agreement:
                 continue
             results[i] = ScreenedUpdate(None, update_norms(base, replies[i]), "dropped",
                                         f"parameter update points against the other replies' coordinate-wise "
-                                        f"median update (cosine {cos:.3f} < {min_cosine:g})", cos)
+                                        f"median update (cosine {cos:.3f} < -{backward_ratio:g} x the round's "
+                                        f"agreement {agreement:.3f})", cos)
     live = [i for i, r in enumerate(results) if r is None]
     norms = {i: update_norms(base, states[i]) for i in live}
     if kind == "off" or not live:
