@@ -177,10 +177,10 @@ class UpdateScreenConfig(Strict):
     min_agreement: float = Field(0.01, ge=0.0, le=1.0, description="the direction check acts only in rounds "
                                  "whose agreement (median cosine) is at least this (the replies agree on a "
                                  "direction; strongly non-IID rounds are left to the norm screen)")
-    agreement_over_spread: float = Field(1.0, ge=0.0, description="the direction check acts only in rounds "
-                                         "whose agreement is at least this x the cosines' robust spread "
-                                         "(1.4826 x median absolute deviation): near-zero agreement among "
-                                         "scattered cosines (sparse, skewed updates) is no direction")
+    agreement_over_spread: float = Field(1.5, ge=0.0, description="the direction check acts only in rounds "
+                                         "where, with the lowest cosine set aside, the median of the other "
+                                         "cosines is at least this x their standard deviation (the replies "
+                                         "agree; scattered sparse or noisy updates are no direction)")
     direction_min_replies: int = Field(4, ge=3, description="the direction check runs only in rounds with at "
                                        "least this many valid replies (the others' median needs a majority of "
                                        "honest replies: with 3, one attacker is half of the other two)")

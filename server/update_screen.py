@@ -118,16 +118,24 @@ def direction_cosines(base: Mapping[str, torch.Tensor], replies: Sequence[Mappin
     return out
 
 
-def round_agreement(cosines: Sequence[float | None]) -> tuple[float, float]:
-    """The round's agreement (median cosine; None counts as 0) and the cosines' robust spread (1.4826 x MAD)."""
+def round_agreement(cosines: Sequence[float | None], min_agreement: float = 0.01,
+                    agreement_over_spread: float = 1.5) -> tuple[float, bool]:
+    """The round's agreement (median cosine; None counts as 0) and whether the replies agree enough to act on it.
+
+    They agree when the agreement is >= ``min_agreement`` and, with the lowest cosine set aside (one attacker
+    can then neither pull the median down nor widen the spread), the median of the rest is >=
+    ``agreement_over_spread`` x their standard deviation (module doc).
+    """
     values = [c if c is not None else 0.0 for c in cosines]
     agreement = statistics.median(values)
-    return agreement, 1.4826 * statistics.median(abs(c - agreement) for c in values)
+    rest = sorted(values)[1:]
+    spread = statistics.stdev(rest) if len(rest) > 1 else 0.0
+    return agreement, agreement >= min_agreement and statistics.median(rest) >= agreement_over_spread * spread
 
 
 def screen_updates(base: Mapping[str, torch.Tensor], replies: Sequence[Mapping[str, torch.Tensor]],
                    kind: str, factor: float, direction: str = "off", backward_ratio: float = 0.5,
-                   min_agreement: float = 0.01, agreement_over_spread: float = 1.0,
+                   min_agreement: float = 0.01, agreement_over_spread: float = 1.5,
                    direction_min_replies: int = 4) -> list[ScreenedUpdate]:
     """Screen every reply's update: the direction check, then ``factor`` x the round's median norm per group."""
     if kind not in SCREEN_KINDS:
@@ -141,8 +149,7 @@ def screen_updates(base: Mapping[str, torch.Tensor], replies: Sequence[Mapping[s
     cosines: list[float | None] = [None] * len(replies)
     if direction != "off" and len(replies) >= max(direction_min_replies, 3):
         cosines = direction_cosines(base, replies)
-        agreement, spread = round_agreement(cosines)
-        agrees = agreement >= min_agreement and agreement >= agreement_over_spread * spread
+        agreement, agrees = round_agreement(cosines, min_agreement, agreement_over_spread)
         for i, cos in enumerate(cosines):
             if not agrees or cos is None or cos >= -backward_ratio * agreement:
                 continue
