@@ -308,14 +308,22 @@ def test_the_direction_check_needs_four_replies_and_a_round_that_agrees() -> Non
     assert [r.action for r in screen_updates(base, replies, "clip", 1.5, direction="drop")] == ["kept"] * 3
     base, replies = directed(5, noise=20.0, flip={4: -1.0})  # no shared direction (strongly non-IID-like)
     results = screen_updates(base, replies, "clip", 1.5, direction="drop")
-    agreement, spread = round_agreement([r.cosine for r in results])
-    assert 0 < agreement < spread and "dropped" not in [r.action for r in results]
+    agreement, agrees = round_agreement([r.cosine for r in results])
+    assert 0 < agreement and not agrees and "dropped" not in [r.action for r in results]
     # the spread gate alone keeps them: without it (and without the floor) a near-zero agreement puts the bar at ~0
     loose = screen_updates(base, replies, "clip", 1.5, direction="drop", min_agreement=0.0,
                            agreement_over_spread=0.0)
     assert "dropped" in [r.action for r in loose]
     assert "dropped" not in [r.action for r in screen_updates(base, replies, "clip", 1.5, direction="drop",
                                                               min_agreement=0.0)]
+
+
+def test_the_gate_sets_the_lowest_cosine_aside_and_asks_the_rest_to_agree() -> None:
+    """Measured rounds: honest 1-step updates (two honest replies far below the median) vs a flipped attacker under
+    top-k 10% whose pull widened the spread of all five; only the attacked round opens the check."""
+    assert round_agreement([0.066, 0.068, -0.108, -0.046, 0.049, 0.049]) == (0.049, False)
+    assert round_agreement([0.086, 0.012, 0.036, 0.075, -0.060]) == (0.036, True)
+    assert round_agreement([0.086, 0.012, 0.036, 0.075, -0.060], min_agreement=0.05)[1] is False
 
 
 def test_top_k_sparse_honest_updates_pass_the_direction_check() -> None:
