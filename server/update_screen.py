@@ -17,8 +17,8 @@ the strategy is ``base + update``, so Flower's strategies keep their meaning. Tw
    The earlier absolute thresholds (drop below -0.2, act at agreement >= 0.1), set on dense updates,
    switched the check off from round 2 under the codec (-7 to -8 pp; now -4 to -5 pp, dense unchanged).
    Over every logged round (dense and codec robustness runs, ``benchmarks/direction_check.py``) the flipped
-   attacker scored <= -0.88 x the agreement where the check acted (<= -1.27 x under the codec), honest
-   replies >= -0.35 x: 0.5 sits between.
+   attacker scored <= -0.88 x the agreement (<= -1.27 x under the codec), honest replies >= -0.35 x, in
+   rounds the gate below opens: 0.5 sits between.
    The check acts only when the replies agree: at least ``direction_min_replies`` (4; the others' median
    needs an honest majority), agreement >= ``min_agreement`` (0.01, clearly above zero) and, with the lowest
    cosine set aside (so one attacker can neither pull the median down nor widen the spread), the median of
