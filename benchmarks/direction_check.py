@@ -3,9 +3,9 @@ skewed splits, with sparse top-k codec updates and with few replies per round.
 
 Each case runs the real ServerApp body in-process (``server.local_grid.LocalGrid``) with the default update
 screen and records, per round, every reply's cosine with the other replies' median update (the number the
-check compares with ``min_cosine``), the round's median cosine (compared with ``min_agreement``) and the
-replies the screen dropped. Data: the embedded CIFAR-10 subset (1,500 train / 500 test), SmallNet-3,
-5 rounds x 5 batches of 32, lr 0.1.
+check compares with ``-backward_ratio`` x the agreement), the round's median cosine (the agreement, gated by
+``min_agreement`` and ``agreement_over_spread``) and the replies the screen dropped. Data: the embedded
+CIFAR-10 subset (1,500 train / 500 test), SmallNet-3, 5 rounds x 5 batches of 32, lr 0.1.
 
     python benchmarks/direction_check.py                       # every case, honest and sign-flipped x5
     python benchmarks/direction_check.py --cases iid "dirichlet 0.1" --attacks honest

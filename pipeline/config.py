@@ -170,12 +170,17 @@ class UpdateScreenConfig(Strict):
     factor: float = Field(1.5, ge=1.0, description="bound, in multiples of the round's median update norm")
     direction: Literal["drop", "off"] = Field(
         "drop", description="drop an update whose parameters point against the other replies' coordinate-wise "
-        "median update (cosine < min_cosine); off: no direction check")
-    min_cosine: float = Field(-0.2, ge=-1.0, le=0.0, description="direction check threshold: cosine with the "
-                              "round's median update below which an update counts as pointing against it")
-    min_agreement: float = Field(0.1, ge=-1.0, le=1.0, description="the direction check acts only in rounds "
-                                 "whose median cosine is at least this (the replies agree on a direction; strongly "
-                                 "non-IID rounds, where honest updates disagree, are left to the norm screen)")
+        "median update (cosine < -backward_ratio x the round's median cosine); off: no direction check")
+    backward_ratio: float = Field(0.5, gt=0.0, description="direction check threshold, relative to the round's "
+                                  "agreement (median cosine): an update whose cosine is below -backward_ratio x "
+                                  "the agreement counts as pointing against the round")
+    min_agreement: float = Field(0.01, ge=0.0, le=1.0, description="the direction check acts only in rounds "
+                                 "whose agreement (median cosine) is at least this (the replies agree on a "
+                                 "direction; strongly non-IID rounds are left to the norm screen)")
+    agreement_over_spread: float = Field(1.5, ge=0.0, description="the direction check acts only in rounds "
+                                         "where, with the lowest cosine set aside, the median of the other "
+                                         "cosines is at least this x their standard deviation (the replies "
+                                         "agree; scattered sparse or noisy updates are no direction)")
     direction_min_replies: int = Field(4, ge=3, description="the direction check runs only in rounds with at "
                                        "least this many valid replies (the others' median needs a majority of "
                                        "honest replies: with 3, one attacker is half of the other two)")

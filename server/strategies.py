@@ -257,8 +257,8 @@ class CompactflHooks:
         accepted, failed, dropped = self._accept(server_round, replies, train=True)
         capped = self._cap_weights(accepted, "train")
         screened = screen_updates(self._base, [a.state for a in accepted], self.screen.kind, self.screen.factor,
-                                  self.screen.direction, self.screen.min_cosine,
-                                  self.screen.min_agreement, self.screen.direction_min_replies)
+                                  self.screen.direction, self.screen.backward_ratio, self.screen.min_agreement,
+                                  self.screen.agreement_over_spread, self.screen.direction_min_replies)
         good, clipped = [], 0
         for a, result in zip(accepted, screened, strict=True):
             if result.state is not None and self.dp_kind != "none" and not any(result.norms.values()):

@@ -10,7 +10,6 @@ import io
 import json
 import math
 import re
-import statistics
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from server.example_weights import capped_weights
 from server.local_grid import LocalGrid
 from server.runner import run_server
 from server.strategies import build_strategy
-from server.update_screen import screen_updates, update_norms
+from server.update_screen import round_agreement, screen_updates, update_norms
 from server.validation import (
     EVALUATE_METRICS,
     TRAIN_METRICS,
@@ -274,8 +273,10 @@ def test_the_direction_check_drops_a_sign_flipped_update_and_keeps_every_honest_
         base, replies = directed(5, flip={4: flip})
         results = screen_updates(base, replies, "clip", 1.5, direction="drop")
         assert [r.action for r in results[:4]] == ["kept"] * 4 and results[4].action == "dropped"
+        agreement, _ = round_agreement([r.cosine for r in results])
         assert results[4].state is None and "points against the other replies' coordinate-wise median" in \
-            results[4].reason and results[4].cosine < -0.2 < min(r.cosine for r in results[:4])
+            results[4].reason and "x the round's agreement" in results[4].reason
+        assert results[4].cosine < -0.5 * agreement < 0 < min(r.cosine for r in results[:4])
         assert all(torch.equal(r.state[k], reply[k]) for r, reply in zip(results[:4], replies, strict=False)
                    for k in reply)
         off = screen_updates(base, replies, "clip", 1.5, direction="off")
@@ -284,24 +285,52 @@ def test_the_direction_check_drops_a_sign_flipped_update_and_keeps_every_honest_
         screen_updates(base, replies, "clip", 1.5, direction="flip")
 
 
+def top_k(base: dict[str, torch.Tensor], replies: list[dict[str, torch.Tensor]], frac: float
+          ) -> list[dict[str, torch.Tensor]]:
+    """The replies as the server decodes them after a top-k upload (parameters only; BN statistics dense)."""
+    chain = parse_chain([f"topk(frac={frac})"])
+    return [{k: base[k] + chain.decode(chain.encode(v - base[k], CodecContext(round=1, partition=i).named(k)))
+             .view(v.shape) if k.startswith("fc") else v for k, v in reply.items()} for i, reply in enumerate(replies)]
+
+
+def test_the_direction_threshold_follows_the_round_so_a_flipped_top_k_update_is_dropped_too() -> None:
+    """Decoded top-k 10% updates: every cosine ~4x smaller than dense (the attacker's -0.10 is above the
+    earlier absolute -0.2 and the agreement 0.05 below its 0.1), yet it is as far out relative to the round."""
+    base, replies = directed(5, noise=2.0, flip={4: -1.0})
+    for updates in (replies, top_k(base, replies, 0.1)):
+        results = screen_updates(base, updates, "clip", 1.5, direction="drop")
+        assert [r.action for r in results] == ["kept"] * 4 + ["dropped"], [r.cosine for r in results]
+    assert -0.2 < results[4].cosine and round_agreement([r.cosine for r in results])[0] < 0.1  # the sparse round
+
+
 def test_the_direction_check_needs_four_replies_and_a_round_that_agrees() -> None:
     base, replies = directed(3, flip={2: -1.0})  # with 3 replies one attacker is half of the others' median
     assert [r.action for r in screen_updates(base, replies, "clip", 1.5, direction="drop")] == ["kept"] * 3
     base, replies = directed(5, noise=20.0, flip={4: -1.0})  # no shared direction (strongly non-IID-like)
     results = screen_updates(base, replies, "clip", 1.5, direction="drop")
-    assert statistics.median(r.cosine for r in results) < 0.1 and "dropped" not in [r.action for r in results]
+    agreement, agrees = round_agreement([r.cosine for r in results])
+    assert 0 < agreement and not agrees and "dropped" not in [r.action for r in results]
+    # the spread gate alone keeps them: without it (and without the floor) a near-zero agreement puts the bar at ~0
+    loose = screen_updates(base, replies, "clip", 1.5, direction="drop", min_agreement=0.0,
+                           agreement_over_spread=0.0)
+    assert "dropped" in [r.action for r in loose]
+    assert "dropped" not in [r.action for r in screen_updates(base, replies, "clip", 1.5, direction="drop",
+                                                              min_agreement=0.0)]
+
+
+def test_the_gate_sets_the_lowest_cosine_aside_and_asks_the_rest_to_agree() -> None:
+    """Measured rounds: honest 1-step updates (two honest replies far below the median) vs a flipped attacker under
+    top-k 10% whose pull widened the spread of all five; only the attacked round opens the check."""
+    assert round_agreement([0.066, 0.068, -0.108, -0.046, 0.049, 0.049]) == (0.049, False)
+    assert round_agreement([0.086, 0.012, 0.036, 0.075, -0.060]) == (0.036, True)
+    assert round_agreement([0.086, 0.012, 0.036, 0.075, -0.060], min_agreement=0.05)[1] is False
 
 
 def test_top_k_sparse_honest_updates_pass_the_direction_check() -> None:
     """Decoded top-k 1% updates are nearly orthogonal to each other: the check must not take that for an attack."""
-    chain = parse_chain(["topk(frac=0.01)"])
     for n in (4, 5, 10):
         base, replies = directed(n, seed=n)
-        sparse = []
-        for i, reply in enumerate(replies):
-            ctx = CodecContext(round=1, partition=i)
-            sparse.append({k: base[k] + chain.decode(chain.encode(v - base[k], ctx.named(k))).view(v.shape)
-                           if k.startswith("fc") else v for k, v in reply.items()})
+        sparse = top_k(base, replies, 0.01)
         assert int((sparse[0]["fc.weight"] != 0).sum()) == 20  # 1% of 2,000
         results = screen_updates(base, sparse, "clip", 1.5, direction="drop")
         assert "dropped" not in [r.action for r in results], [r.cosine for r in results]
