@@ -64,7 +64,13 @@ def provenance() -> dict[str, Any]:
         load = None
     return {"commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
             "machine": platform.machine(), "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "torch": torch.__version__, "loadavg_1min": load}
+            "torch": torch.__version__, "torch_threads": _nightly_threads(), "loadavg_1min": load}
+
+
+def _nightly_threads() -> int:
+    from pipeline.nightly.suite import NIGHTLY_THREADS
+
+    return NIGHTLY_THREADS
 
 
 def summarize(per_seed: list[dict[str, Any]], checks: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -197,3 +197,17 @@ def test_repo_suite_and_baseline_agree() -> None:
     for run, entry in baseline["runs"].items():
         assert entry["stats"]["test_accuracy"]["mean"] >= {e.name: e for e in entries}[run].spec.min["test_accuracy"]
         assert entry["exact"]["params_deploy"] > 0 and entry["seeds"]
+
+
+def test_entries_run_with_the_baselines_thread_count_whatever_the_environment() -> None:
+    """Short federated runs differ with the summation order: every entry runs at NIGHTLY_THREADS, then restores."""
+    import torch
+
+    from pipeline.nightly.baseline import provenance
+    from pipeline.nightly.suite import NIGHTLY_THREADS, pinned_threads
+
+    before = torch.get_num_threads()
+    with pinned_threads():
+        assert torch.get_num_threads() == NIGHTLY_THREADS
+    assert torch.get_num_threads() == before
+    assert provenance()["torch_threads"] == NIGHTLY_THREADS
