@@ -45,6 +45,13 @@ class DeltaDownlink:
             return self._delta, DELTA, held
         return self._full, FULL, 0
 
+    def settle(self, server_round: int, answered: set[int]) -> None:
+        """After round ``server_round``'s replies: a node sent this round's model that did not answer without an
+        error (offline, timed out, crashed before or after storing it) is forgotten, so its next message is the
+        full model instead of a delta it may not be able to apply (which would cost it a round)."""
+        for node in [n for n, r in self.holds.items() if r == server_round and n not in answered]:
+            self.holds.pop(node)
+
     def forget(self, node: int) -> None:
         """``node`` reported that it lacks the base it was sent a delta for: it gets the full model next."""
         self.holds.pop(node, None)

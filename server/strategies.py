@@ -175,6 +175,7 @@ class CompactflHooks:
     # ------------------------------------------------------------------------------------- screening
     def _accept(self, server_round: int, replies: Iterable[Message], train: bool) -> tuple[list[_Accepted], int, int]:
         """Replies that pass the structural, array and metric checks (sorted by partition), failed, dropped."""
+        replies = list(replies)
         candidates: list[_Accepted] = []
         failed = dropped = 0
         what = "train" if train else "evaluate"
@@ -229,6 +230,8 @@ class CompactflHooks:
             self._node_partition[c.node] = c.partition
             accepted.append(c)
         accepted.sort(key=lambda a: (a.partition, a.node))
+        if train and self.downlink is not None:  # a node that failed or never answered may lack this round's model
+            self.downlink.settle(server_round, {m.metadata.src_node_id for m in replies if not m.has_error()})
         return accepted, failed, dropped
 
     def _cap_weights(self, accepted: list[_Accepted], split: str) -> int:

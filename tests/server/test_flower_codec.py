@@ -308,6 +308,26 @@ def test_delta_downlink_goes_to_nodes_holding_the_previous_round_and_full_to_the
     assert "delta" in kinds.values() and "full" in kinds.values()
 
 
+def test_a_node_that_missed_a_round_gets_the_full_model_next_instead_of_an_unusable_delta(tmp_path: Path) -> None:
+    """Offline in round 2 (its message never reached the training code), node 1 holds round 1's model; the
+    server must not assume it stored round 2's: round 3 sends it the full model and it trains (no lost round)."""
+    seen: list[tuple[int, int, str]] = []
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        pid, config = int(context.node_config["partition-id"]), msg.content["config"]
+        seen.append((int(config["server-round"]), pid, str(config["downlink"])))
+        if (int(config["server-round"]), pid) == (2, 1):
+            raise ConnectionError("partition 1 is offline")
+        return client_app(msg, context)
+
+    run(codec_config(tmp_path, rounds=3) | {"transport": DELTA_TRANSPORT}, app)
+    kinds = {(rnd, pid): kind for rnd, pid, kind in seen}
+    assert kinds[(3, 1)] == "full" and kinds[(3, 0)] == "delta", sorted(seen)
+    assert [r["replies_failed"] for r in history(tmp_path / "codec")] == [0, 1, 0]
+
+
 def test_resume_with_delta_downlink_is_bit_identical(tmp_path: Path) -> None:
     raw = {"transport": DELTA_TRANSPORT}
     run(codec_config(tmp_path / "a", "run", rounds=3) | raw)
