@@ -228,14 +228,18 @@ def plot_accuracy_vs_bytes(runs: list[tuple[str, list[dict[str, Any]]]], path: P
     curves = [(n, xs, ys) for n, xs, ys in curves if xs and xs[-1] > 0]
     if not curves:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, xs, ys in curves:
-        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    fig, ax = plt.subplots(figsize=(7 if len(curves) <= 6 else 10, 4.5))
+    styles = ("-", "--", ":", "-.")  # the colour cycle repeats after 10 curves: the line style tells them apart
+    for i, (name, xs, ys) in enumerate(curves):
+        ax.plot(xs, ys, marker="o", markersize=3, label=name, linestyle=styles[(i // 10) % len(styles)])
     ax.set_xscale("log")
     ax.set_xlabel("cumulative bytes (up + down, all clients)")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    if len(curves) <= 6:
+        ax.legend(fontsize=8)
+    else:  # beside the axes, where it hides no curve
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
