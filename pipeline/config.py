@@ -357,17 +357,12 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _transport_fits_engine(self) -> RunConfig:
-        problem = transport_problem(self.transport, self.engine.kind)
-        if problem:
-            raise ValueError(problem)
-        return self
-
-    @model_validator(mode="after")
-    def _robust_aggregator_fits_codec(self) -> RunConfig:
-        problem = robust_codec_problem(self)
-        if problem:
-            raise ValueError(problem)
+    def _transport_fits_run(self) -> RunConfig:
+        """The transport section against the engine, the aggregator and the model (first problem found)."""
+        for problem in (transport_problem(self.transport, self.engine.kind), robust_codec_problem(self),
+                        communicate_problem(self)):
+            if problem:
+                raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
@@ -381,13 +376,6 @@ class RunConfig(Strict):
         if t.comm.startswith("powersgd"):
             raise ValueError(f"transport.expand_sync: compact does not support comm {t.comm!r}; set "
                              "transport.expand_sync: factors")
-        return self
-
-    @model_validator(mode="after")
-    def _communicate_fits_run(self) -> RunConfig:
-        problem = communicate_problem(self)
-        if problem:
-            raise ValueError(problem)
         return self
 
     @property

@@ -199,8 +199,7 @@ def _centred_clip(base: Mapping[str, torch.Tensor], states: list[dict[str, torch
     rows = parameter_updates(base, [states[i] for i in live])
     centre = coordinate_median(rows)
     dists = (rows - centre).norm(dim=1)
-    tau = factor * float(dists.median() if len(live) % 2 else dists.sort().values[len(live) // 2 - 1:
-                                                                                    len(live) // 2 + 1].mean())
+    tau = factor * float(coordinate_median(dists[:, None]))
     out, moved = list(states), set()
     for row, dist, i in zip(rows, dists.tolist(), live, strict=True):
         if dist <= tau:

@@ -19,6 +19,8 @@ from typing import Any
 from pipeline.config import ConfigError
 from pipeline.nightly.checks import BANDED_KINDS, DEFAULT_CHECKS
 
+NIGHTLY_THREADS = 2  # torch threads every suite run uses: the baseline's (the project's 2-core reference machine)
+
 BASELINE_FORMAT = "compactfl-nightly-baseline/2"
 
 
@@ -64,13 +66,7 @@ def provenance() -> dict[str, Any]:
         load = None
     return {"commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
             "machine": platform.machine(), "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": _nightly_threads(), "loadavg_1min": load}
-
-
-def _nightly_threads() -> int:
-    from pipeline.nightly.suite import NIGHTLY_THREADS
-
-    return NIGHTLY_THREADS
+            "torch": torch.__version__, "torch_threads": NIGHTLY_THREADS, "loadavg_1min": load}
 
 
 def summarize(per_seed: list[dict[str, Any]], checks: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.logging_utils import get_logger
+from pipeline.nightly.baseline import NIGHTLY_THREADS
 
 log = get_logger("nightly")
 INDEX = "suite.yaml"
@@ -196,9 +197,6 @@ def _plain_fedavg(cfg: RunConfig) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ run
-NIGHTLY_THREADS = 2  # the baseline's thread count (the project's 2-core reference machine)
-
-
 @contextlib.contextmanager
 def pinned_threads(threads: int = NIGHTLY_THREADS) -> Iterator[None]:
     """Run with ``threads`` torch intra-op threads, restoring the previous count afterwards."""

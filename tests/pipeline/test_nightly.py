@@ -203,8 +203,8 @@ def test_entries_run_with_the_baselines_thread_count_whatever_the_environment() 
     """Short federated runs differ with the summation order: every entry runs at NIGHTLY_THREADS, then restores."""
     import torch
 
-    from pipeline.nightly.baseline import provenance
-    from pipeline.nightly.suite import NIGHTLY_THREADS, pinned_threads
+    from pipeline.nightly.baseline import NIGHTLY_THREADS, provenance
+    from pipeline.nightly.suite import pinned_threads
 
     before = torch.get_num_threads()
     with pinned_threads():
