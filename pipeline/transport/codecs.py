@@ -68,10 +68,13 @@ class Codec:
     """One stage of a chain. Subclasses implement the ``_encode``/``_decode`` pair on flat float tensors.
 
     ``outputs_values``: whether the stage leaves a float ``values`` part that a later stage may encode.
+    ``matrix``: whether the stage works on the tensor's matrix view (it then implements ``_encode_matrix`` /
+    ``_decode_matrix`` / ``matrix_values_numel`` instead, and must be the chain's first stage).
     """
 
     name = ""
     outputs_values = True
+    matrix = False
 
     def descriptor(self) -> str:
         raise NotImplementedError
@@ -314,6 +317,73 @@ class Sign(Codec):
         return (2 * bits - 1) * scale
 
 
+class LowRank(Codec):
+    """Rank-``rank`` truncated SVD of the tensor's matrix view (PowerSGD's target, Vogels et al. 2019).
+
+    The matrix view of a tensor of shape ``(d0, d1, ...)`` is ``d0 x (d1 * ...)``: a conv kernel's
+    ``out x (in * kh * kw)``, a linear weight as it is. Parts: ``values`` = ``P`` (``d0 x r``) then ``Q``
+    (``cols x r``), row-major, each scaled by the square roots of the singular values so that a later stage
+    (``qsgd``) sees balanced magnitudes. A tensor with fewer than two dimensions, or one that the factors
+    would not shrink (``r * (rows + cols) >= rows * cols``), travels unchanged in ``values``.
+    Contract: ``decode(encode(x)) = P @ Q.T``, the best rank-``r`` approximation of the matrix view in the
+    Frobenius norm (Eckart-Young); exact when its rank is at most ``r``; biased (use error feedback).
+    Deterministic: float64 SVD, each factor column's sign fixed by its largest-magnitude entry of ``P``.
+    """
+
+    name = "lowrank"
+    matrix = True
+
+    def __init__(self, rank: int = 4) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"lowrank: rank must be a positive integer, got {rank!r}")
+        self.rank = rank
+
+    def descriptor(self) -> str:
+        return f"lowrank(rank={self.rank})"
+
+    def part_dtypes(self) -> dict[str, torch.dtype]:
+        return {"values": torch.float32}
+
+    def factors(self, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+        """``(rows, cols, r)`` of the factorisation of a tensor of ``shape``, or None if it travels unchanged."""
+        numel = _numel(shape)
+        if len(shape) < 2 or numel == 0:
+            return None
+        rows = int(shape[0])
+        cols = numel // rows
+        r = min(self.rank, rows, cols)
+        return None if r * (rows + cols) >= rows * cols else (rows, cols, r)
+
+    def matrix_values_numel(self, shape: tuple[int, ...]) -> int:
+        dims = self.factors(shape)
+        return _numel(shape) if dims is None else dims[2] * (dims[0] + dims[1])
+
+    def _encode_matrix(self, x: torch.Tensor, shape: tuple[int, ...],
+                       gen: torch.Generator | None) -> dict[str, torch.Tensor]:
+        dims = self.factors(shape)
+        if dims is None:
+            return {"values": x}
+        rows, cols, r = dims
+        u, s, vh = torch.linalg.svd(x.view(rows, cols).double(), full_matrices=False)
+        root = s[:r].sqrt()
+        p, q = u[:, :r] * root, vh[:r].T * root
+        flip = torch.sign(p.gather(0, p.abs().argmax(0, keepdim=True)))
+        flip = torch.where(flip == 0, torch.ones_like(flip), flip)
+        p, q = p * flip, q * flip
+        return {"values": torch.cat([p.reshape(-1), q.reshape(-1)]).float()}
+
+    def _decode_matrix(self, parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        values = _check_len(parts, "values", torch.float32, self.matrix_values_numel(shape))
+        dims = self.factors(shape)
+        if dims is None:
+            return values
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError("lowrank: factors must be finite")
+        rows, cols, r = dims
+        p, q = values[:rows * r].view(rows, r), values[rows * r:].view(cols, r)
+        return (p @ q.T).reshape(-1)
+
+
 class Chain(Codec):
     """Stages applied in order; each later stage encodes the ``values`` part the previous stage kept.
 
@@ -326,6 +396,9 @@ class Chain(Codec):
     def __init__(self, stages: list[Codec]) -> None:
         seen: dict[str, str] = {}
         for i, stage in enumerate(stages):
+            if i and stage.matrix:
+                raise ValueError(f"codec chain: {stage.descriptor()} factors the tensor's matrix view and must "
+                                 "come first")
             if i and not stages[i - 1].outputs_values:
                 raise ValueError(f"codec chain: {stages[i - 1].descriptor()} leaves no values for "
                                  f"{stage.descriptor()} to encode (put it last)")
@@ -348,10 +421,15 @@ class Chain(Codec):
             out.update({k: v for k, v in stage.part_dtypes().items() if last or k != "values"})
         return out
 
-    def values_numel(self, numel: int) -> int:
+    def sizes(self, shape: tuple[int, ...]) -> list[int]:
+        """Length of the input of each stage, then of the last stage's ``values``, for a tensor of ``shape``."""
+        out = [_numel(shape)]
         for stage in self.stages:
-            numel = stage.values_numel(numel)
-        return numel
+            out.append(stage.matrix_values_numel(shape) if stage.matrix else stage.values_numel(out[-1]))
+        return out
+
+    def values_numel(self, numel: int, shape: tuple[int, ...] | None = None) -> int:
+        return self.sizes(shape if shape is not None else (numel,))[-1]
 
     def needs_generator(self) -> bool:
         return any(s.needs_generator() for s in self.stages)
@@ -362,15 +440,16 @@ class Chain(Codec):
             raise TypeError(f"codecs encode float tensors, got {tensor.dtype}")
         gen = (ctx or CodecContext()).generator(tensor.device) if self.needs_generator() else None
         x = tensor.detach().reshape(-1).float()
+        shape = tuple(int(d) for d in tensor.shape)
         parts: dict[str, torch.Tensor] = {}
         for stage in self.stages:
-            out = stage._encode(x, gen)
+            out = stage._encode_matrix(x, shape, gen) if stage.matrix else stage._encode(x, gen)
             x = out.pop("values", None)  # type: ignore[assignment]
             parts.update(out)
         if x is not None:
             parts["values"] = x.contiguous() if self.stages else x.clone()
         ordered = {k: parts[k] for k in self.part_dtypes()}
-        return Encoded(self.descriptor(), tuple(int(d) for d in tensor.shape), ordered)
+        return Encoded(self.descriptor(), shape, ordered)
 
     def decode(self, encoded: Encoded) -> torch.Tensor:
         """Rebuild the fp32 tensor; a wrong descriptor, a missing/extra part or a malformed one is a ValueError."""
@@ -380,35 +459,36 @@ class Chain(Codec):
         extra = sorted(set(encoded.parts) - set(expected))
         if extra:
             raise ValueError(f"unexpected part {extra[0]!r} for {self.descriptor()}")
-        numel = _numel(encoded.shape)
-        sizes = [numel]
-        for stage in self.stages:
-            sizes.append(stage.values_numel(sizes[-1]))
+        shape = tuple(encoded.shape)
+        sizes = self.sizes(shape)
         if not self.stages:
-            return _check_len(encoded.parts, "values", torch.float32, numel).clone().view(encoded.shape)
+            return _check_len(encoded.parts, "values", torch.float32, sizes[0]).clone().view(shape)
         values: torch.Tensor | None = None
         for i in range(len(self.stages) - 1, -1, -1):
             parts = dict(encoded.parts)
             if values is not None:
                 parts["values"] = values
-            values = self.stages[i]._decode(parts, sizes[i])
+            stage = self.stages[i]
+            values = stage._decode_matrix(parts, shape) if stage.matrix else stage._decode(parts, sizes[i])
         assert values is not None
         return values.view(encoded.shape)
 
-    def part_numels(self, numel: int) -> dict[str, int | None]:
+    def part_numels(self, numel: int, shape: tuple[int, ...] | None = None) -> dict[str, int | None]:
+        """Element count of each part (None: depends on the data); matrix stages need the tensor's ``shape``."""
+        sizes = self.sizes(shape if shape is not None else (numel,))
         if not self.stages:
-            return {"values": numel}
+            return {"values": sizes[0]}
         out: dict[str, int | None] = {}
         for i, stage in enumerate(self.stages):
             last = i == len(self.stages) - 1
-            out.update({k: v for k, v in stage.part_numels(numel).items() if last or k != "values"})
-            numel = stage.values_numel(numel)
+            counts = {"values": sizes[1]} if stage.matrix else stage.part_numels(sizes[i])
+            out.update({k: v for k, v in counts.items() if last or k != "values"})
         return out
 
     def to_bytes(self, encoded: Encoded) -> torch.Tensor:
         """The parts of ``encoded`` as one uint8 buffer (for collectives). Parts whose length depends on the
         data get a 4-byte little-endian length prefix; the others' lengths follow from the shape."""
-        variable = {k for k, v in self.part_numels(_numel(encoded.shape)).items() if v is None}
+        variable = {k for k, v in self.part_numels(_numel(encoded.shape), tuple(encoded.shape)).items() if v is None}
         chunks = []
         for name, part in encoded.parts.items():
             raw = part.contiguous().view(torch.uint8).reshape(-1)
@@ -422,7 +502,7 @@ class Chain(Codec):
         """Inverse of :meth:`to_bytes` for a tensor of ``shape`` (untrusted input: ValueError)."""
         if data.dtype != torch.uint8 or data.dim() != 1:
             raise ValueError("payload must be a 1-D uint8 buffer")
-        counts = self.part_numels(_numel(shape))
+        counts = self.part_numels(_numel(shape), tuple(shape))
         parts, pos = {}, 0
         for name, dtype in self.part_dtypes().items():
             itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -445,8 +525,8 @@ class Chain(Codec):
 
 
 # ----------------------------------------------------------------------------------------------- parsing
-_CODECS: dict[str, Any] = {"cast": Cast, "qsgd": QSGD, "topk": TopK, "sign": Sign}
-_PARAMS = {"cast": ("dtype",), "qsgd": ("bits", "block"), "topk": ("frac", "k"), "sign": ()}
+_CODECS: dict[str, Any] = {"cast": Cast, "qsgd": QSGD, "topk": TopK, "sign": Sign, "lowrank": LowRank}
+_PARAMS = {"cast": ("dtype",), "qsgd": ("bits", "block"), "topk": ("frac", "k"), "sign": (), "lowrank": ("rank",)}
 _STAGE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?", re.S)
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?)")
 
@@ -483,7 +563,7 @@ def _value(name: str, key: str, text: str) -> Any:
 
 def parse_codec(text: str) -> Codec:
     """One stage: ``bf16``, ``fp16``, ``cast(dtype=bf16)``, ``qsgd(bits=4, block=256)``, ``topk(frac=0.01)``,
-    ``topk(k=1000)``, ``sign``. Unknown names or parameters raise a one-line ValueError."""
+    ``topk(k=1000)``, ``sign``, ``lowrank(rank=4)``. Unknown names or parameters raise a one-line ValueError."""
     text = text.strip()
     if text in _HALF:
         return Cast(text)

@@ -89,10 +89,14 @@ def parse_comm(spec: str) -> tuple[str, int | None]:
         return "powersgd", int(m.group(1))
     if not spec.startswith("powersgd"):
         try:
-            if parse_chain(spec).stages:
-                return "codec", None
+            chain = parse_chain(spec)
         except ValueError as exc:
             raise ValueError(f"transport.comm: {exc}") from None
+        if any(stage.matrix for stage in chain.stages):
+            raise ValueError(f"transport.comm: {chain.stages[0].descriptor()} factors each tensor's matrix view, "
+                             "but DDP's gradient buckets are flat: use powersgd(RANK)")
+        if chain.stages:
+            return "codec", None
     raise ValueError(f"transport.comm: expected none, fp16, bf16, powersgd(RANK>=1) or a codec chain, got {spec!r}")
 
 

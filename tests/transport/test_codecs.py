@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from pipeline.transport.codecs import QSGD, Cast, Chain, CodecContext, Sign, TopK, parse_chain, parse_codec
+from pipeline.transport.codecs import QSGD, Cast, Chain, CodecContext, LowRank, Sign, TopK, parse_chain, parse_codec
 
 CTX = CodecContext(seed=7, round=3, partition=1, name="conv.weight")
+CODEC_OTHER_CTX = CodecContext(seed=8, round=4, partition=2, name="fc.weight")
 
 
 def _x(n: int = 4000, seed: int = 0) -> torch.Tensor:
@@ -112,6 +113,62 @@ def test_sign_sends_one_bit_per_element_and_the_mean_magnitude() -> None:
     assert math.isclose(float(out.abs().sum()), float(x.abs().sum()), rel_tol=1e-6)  # l1 norm kept
 
 
+# ---------------------------------------------------------------------------------------------- lowrank
+def test_lowrank_is_the_truncated_svd_of_the_matrix_view_and_exact_at_full_rank() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 8, 3, 3, generator=g, dtype=torch.float64)
+    codec = LowRank(rank=4)
+    enc = codec.encode(x, CTX)
+    assert enc.parts["values"].numel() == 4 * (16 + 72) and enc.nbytes == 4 * 4 * (16 + 72)
+    u, s, vh = torch.linalg.svd(x.view(16, 72), full_matrices=False)
+    best = (u[:, :4] * s[:4]) @ vh[:4]
+    out = codec.decode(enc).double()
+    assert out.shape == x.shape
+    assert torch.allclose(out.view(16, 72), best, atol=1e-5, rtol=1e-5)  # Eckart-Young: the best rank-4 fit
+    low = (torch.randn(16, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 72, generator=g, dtype=torch.float64))
+    back = codec.decode(codec.encode(low.view(16, 8, 3, 3), CTX)).double().view(16, 72)
+    assert torch.allclose(back, low, atol=1e-5 * float(low.abs().max()))  # rank 3 <= 4: exact up to fp32
+
+
+def test_lowrank_sends_small_tensors_unchanged_and_is_deterministic() -> None:
+    codec = LowRank(rank=4)
+    for shape in [(10,), (), (4, 4), (3, 1000)]:  # 1-D, scalar, factors no smaller, rank capped at 3 rows
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        out = codec.decode(codec.encode(x, CTX))
+        assert out.shape == x.shape and torch.allclose(out, x, atol=1e-5)
+    assert codec.factors((3, 1000)) is None and codec.factors((64, 512)) == (64, 512, 4)
+    x = torch.randn(64, 512, generator=torch.Generator().manual_seed(2))
+    a, b = codec.encode(x, CTX), codec.encode(x.clone(), CODEC_OTHER_CTX)
+    assert torch.equal(a.parts["values"], b.parts["values"])  # no randomness, signs fixed
+
+
+def test_lowrank_composes_with_qsgd_and_must_come_first() -> None:
+    chain = parse_chain("lowrank(rank=2)+qsgd(bits=8,block=64)")
+    x = torch.randn(32, 16, 7, 7, generator=torch.Generator().manual_seed(4))
+    enc = chain.encode(x, CTX)
+    values = 2 * (32 + 784)
+    assert enc.nbytes == values + 4 * math.ceil(values / 64)
+    assert chain.part_numels(x.numel(), tuple(x.shape)) == {"levels": values, "scales": math.ceil(values / 64)}
+    exact = LowRank(2).decode(LowRank(2).encode(x, CTX))
+    assert float((chain.decode(enc) - exact).abs().max()) < 0.05 * float(exact.abs().max())
+    with pytest.raises(ValueError, match="must come first"):
+        parse_chain("qsgd(bits=8)+lowrank(rank=2)")
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        parse_chain("lowrank(rank=0)")
+
+
+def test_lowrank_decoder_refuses_malformed_factors() -> None:
+    codec = LowRank(rank=2)
+    enc = codec.encode(torch.randn(8, 20), CTX)
+    short = dict(enc.parts, values=enc.parts["values"][:-1])
+    with pytest.raises(ValueError, match="values"):
+        codec.decode(type(enc)(enc.codec, enc.shape, short))
+    bad = enc.parts["values"].clone()
+    bad[0] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        codec.decode(type(enc)(enc.codec, enc.shape, {"values": bad}))
+
+
 # ------------------------------------------------------------------------------------------------ chains
 def test_chain_applies_later_codecs_to_the_kept_values() -> None:
     x = _x(20_000).view(200, 100)
@@ -131,7 +188,8 @@ def test_chain_applies_later_codecs_to_the_kept_values() -> None:
 
 @pytest.mark.parametrize("spec", ["bf16", "fp16", "cast(dtype=fp16)", "qsgd(bits=4)", "qsgd(bits=6, block=64)",
                                   "topk(frac=0.05)", "topk(k=3)", "sign", "none", "[topk(frac=0.1), sign]",
-                                  "topk(frac=0.01) + qsgd(bits=8, block=256)", "topk(k=9)+bf16"])
+                                  "topk(frac=0.01) + qsgd(bits=8, block=256)", "topk(k=9)+bf16",
+                                  "lowrank(rank=3)", "lowrank(rank=2)+qsgd(bits=4, block=64)"])
 def test_descriptors_parse_back_to_the_same_chain_and_bytes_round_trip(spec: str) -> None:
     chain = parse_chain(spec)
     assert parse_chain(chain.descriptor()) == chain
@@ -140,7 +198,7 @@ def test_descriptors_parse_back_to_the_same_chain_and_bytes_round_trip(spec: str
     assert enc.codec == chain.descriptor()
     back = chain.from_bytes(chain.to_bytes(enc), enc.shape)
     assert torch.equal(chain.decode(back), chain.decode(enc))
-    counts = chain.part_numels(x.numel())
+    counts = chain.part_numels(x.numel(), enc.shape)
     assert all(n is None or enc.parts[k].numel() == n for k, n in counts.items()) and list(counts) == list(enc.parts)
 
 

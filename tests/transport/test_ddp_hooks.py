@@ -79,6 +79,8 @@ def test_parse_comm_accepts_codec_chains() -> None:
     assert parse_comm("sign") == ("codec", None)
     with pytest.raises(ValueError, match="transport.comm: qsgd: bits"):
         parse_comm("qsgd(bits=9)")
+    with pytest.raises(ValueError, match="buckets are flat: use powersgd"):
+        parse_comm("lowrank(rank=2)+qsgd(bits=8)")
 
 
 def test_codec_hook_state_round_trips_for_resume() -> None:
