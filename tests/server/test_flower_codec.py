@@ -87,12 +87,13 @@ def test_topk_uploads_are_encoded_sizes_far_below_dense_and_residuals_carry(tmp_
         assert fb.norm() > 0 and set(fb.rounds.values()) == {2}
 
 
-def test_resume_with_error_feedback_is_bit_identical(tmp_path: Path) -> None:
-    whole = run(codec_config(tmp_path / "a", "run", rounds=3))
+@pytest.mark.parametrize("codec", [TOPK, ["lowrank(rank=2)", "qsgd(bits=4,block=64)"]])
+def test_resume_with_error_feedback_is_bit_identical(tmp_path: Path, codec: list[str]) -> None:
+    whole = run(codec_config(tmp_path / "a", "run", rounds=3, codec=codec))
     assert whole["rounds"] == 3
-    run(codec_config(tmp_path / "b", "run", rounds=2))
+    run(codec_config(tmp_path / "b", "run", rounds=2, codec=codec))
     key = latest_round_checkpoint(tmp_path / "b" / "run" / "checkpoints").run_key
-    resumed = run(codec_config(tmp_path / "b", "run", rounds=3) | {"resume": True})
+    resumed = run(codec_config(tmp_path / "b", "run", rounds=3, codec=codec) | {"resume": True})
     assert resumed["rounds"] == 3
     a = safetensors.torch.load_file(str(tmp_path / "a" / "run" / "model.safetensors"))
     b = safetensors.torch.load_file(str(tmp_path / "b" / "run" / "model.safetensors"))
