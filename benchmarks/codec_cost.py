@@ -34,7 +34,8 @@ from pipeline.transport.error_feedback import ErrorFeedback  # noqa: E402
 from pipeline.transport.update import decode_encoded, encode_update  # noqa: E402
 
 CHAINS = ["none", "bf16", "qsgd(bits=8,block=256)", "qsgd(bits=4,block=256)", "sign", "topk(frac=0.01)",
-          "topk(frac=0.01)+qsgd(bits=8,block=256)"]
+          "topk(frac=0.01)+qsgd(bits=8,block=256)", "lowrank(rank=4)+qsgd(bits=4,block=128)",
+          "lowrank(rank=8)+qsgd(bits=3,block=256)"]
 
 
 def measure(model_name: str, chain: str, args: argparse.Namespace) -> dict:
