@@ -269,8 +269,10 @@ class DownlinkConfig(Strict):
         return _canonical_chain(v)
 
 
-#: what ExpandNet layers send on the flower engine when ``transport.communicate`` is unset (the one place to flip it)
-DEFAULT_EXPAND_COMMUNICATE: Literal["factors", "compact"] = "compact"
+#: what ExpandNet layers send on the flower engine when ``transport.communicate`` is unset (the one place to flip it).
+#: ``factors``: on real CIFAR-10 (BENCHMARKS.md, issue 14) CK r=4 with factors beat compact FedAvg by 1.8 pp over two
+#: seeds, while ``compact`` (the compact net's bytes) fell 2.5 pp below it, so at equal bytes plain compact FedAvg wins
+DEFAULT_EXPAND_COMMUNICATE: Literal["factors", "compact"] = "factors"
 
 
 class TransportConfig(Strict):
