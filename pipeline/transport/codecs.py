@@ -362,7 +362,7 @@ class LowRank(Codec):
                        gen: torch.Generator | None) -> dict[str, torch.Tensor]:
         dims = self.factors(shape)
         if dims is None:
-            return {"values": x}
+            return {"values": x.clone()}  # a copy: the caller's tensor may change after encoding
         rows, cols, r = dims
         u, s, vh = torch.linalg.svd(x.view(rows, cols).double(), full_matrices=False)
         root = s[:r].sqrt()
@@ -376,7 +376,7 @@ class LowRank(Codec):
         values = _check_len(parts, "values", torch.float32, self.matrix_values_numel(shape))
         dims = self.factors(shape)
         if dims is None:
-            return values
+            return values.clone()
         if not bool(torch.isfinite(values).all()):
             raise ValueError("lowrank: factors must be finite")
         rows, cols, r = dims

@@ -137,6 +137,12 @@ def test_lowrank_sends_small_tensors_unchanged_and_is_deterministic() -> None:
         out = codec.decode(codec.encode(x, CTX))
         assert out.shape == x.shape and torch.allclose(out, x, atol=1e-5)
     assert codec.factors((3, 1000)) is None and codec.factors((64, 512)) == (64, 512, 4)
+    vector = torch.ones(10)
+    enc = codec.encode(vector, CTX)
+    back = codec.decode(enc)
+    vector.add_(1)
+    back.mul_(3)
+    assert torch.equal(enc.parts["values"], torch.ones(10))  # nothing aliases the input or the output
     x = torch.randn(64, 512, generator=torch.Generator().manual_seed(2))
     a, b = codec.encode(x, CTX), codec.encode(x.clone(), CODEC_OTHER_CTX)
     assert torch.equal(a.parts["values"], b.parts["values"])  # no randomness, signs fixed
