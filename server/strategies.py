@@ -191,7 +191,9 @@ class CompactflHooks:
                     self.downlink.forget(node)  # it lacks the base of the delta: the next message is the full model
                 continue
             arrays = msg.content.array_records.get(ARRAYS_KEY)
-            groups = record_group_nbytes(arrays, self._cfg.transport) if arrays is not None and train else None
+            groups = (record_group_nbytes(arrays, self._cfg.transport,
+                                          {k: tuple(v.shape) for k, v in self._base.items()}, server_round)
+                      if arrays is not None and train else None)
             self.ledger.received(server_round, node, record_nbytes(arrays) if arrays is not None else 0,
                                  message_nbytes(msg), groups)
             try:

@@ -31,7 +31,7 @@ from pipeline.config import TransportConfig
 from pipeline.transport.codecs import CodecContext
 from pipeline.transport.update import encode_update
 from pipeline.transport.wire import (
-    HEADER_KEY,
+    UPDATE_KEY,
     config_from_json,
     decode_record,
     encode_state,
@@ -62,7 +62,7 @@ class ModelAttack:
     def __call__(self, reply: Message, base: dict[str, torch.Tensor]) -> None:
         """Attack a dense reply (an encoded one needs the run's rules: :meth:`tamper_encoded`)."""
         arrays = reply.content["arrays"]
-        if HEADER_KEY in arrays:
+        if UPDATE_KEY in arrays:
             raise ValueError("ModelAttack: an encoded reply needs the run's transport rules (plant it with "
                              "hostile_app, which calls tamper_encoded)")
         dtype = _TRANSPORT[next(iter(arrays.values())).dtype]
@@ -109,7 +109,7 @@ def hostile_app(train: dict[int, Tamper] | None = None, evaluate: dict[int, Tamp
         tamper = tampers.get(pid)
         if tamper is None or reply.has_error():
             return reply
-        if isinstance(tamper, ModelAttack) and HEADER_KEY in reply.content.array_records.get("arrays", {}):
+        if isinstance(tamper, ModelAttack) and UPDATE_KEY in reply.content.array_records.get("arrays", {}):
             cfg = config_from_json(run_config_json(msg, context))  # the public run config the node holds
             server_round = int(msg.content["config"]["server-round"])
             tamper.tamper_encoded(reply, base, cfg.transport, server_round, CodecContext(cfg.seed, server_round, pid))

@@ -161,28 +161,38 @@ class Cast(Codec):
 
 
 class QSGD(Codec):
-    """Stochastic ``bits``-bit quantisation with per-tensor (``block=None``) or per-block max-abs scales.
+    """``bits``-bit quantisation with per-tensor (``block=None``) or per-block max-abs scales.
 
     Levels are ``-L..L`` with ``L = 2**(bits-1) - 1`` on a grid of ``scale / L`` (``scale = max |x|`` of the
-    block, fp32); each value rounds to one of its two neighbouring levels with the probability that makes
-    the expectation exact. Contract: ``E[decode(encode(x))] = x`` (unbiased) and each element's error is
-    below ``scale / L`` with variance ``<= (scale / L)**2 / 4``. Levels travel as ``bits``-bit codes
-    (``level + L``) packed into bytes; the code ``2**bits - 1`` is never used.
+    block, fp32). ``rounding=stochastic`` (the default, QSGD) rounds each value to one of its two neighbouring
+    levels with the probability that makes the expectation exact. Contract: ``E[decode(encode(x))] = x``
+    (unbiased) and each element's error is below ``scale / L`` with variance ``<= (scale / L)**2 / 4``.
+    ``rounding=nearest`` rounds to the nearest level: deterministic and biased (use error feedback), each
+    element's error at most ``scale / (2 L)``, half the mean squared error of stochastic rounding, which is
+    what a chain with error feedback wants (it measured 0.42 vs 0.61 relative error on rank-9 factors).
+    Levels travel as ``bits``-bit codes (``level + L``) packed into bytes; the code ``2**bits - 1`` is never
+    used.
     """
 
     name = "qsgd"
     outputs_values = False
 
-    def __init__(self, bits: int = 8, block: int | None = None) -> None:
+    ROUNDINGS = ("stochastic", "nearest")
+
+    def __init__(self, bits: int = 8, block: int | None = None, rounding: str = "stochastic") -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
             raise ValueError(f"qsgd: bits must be an integer in 2..8, got {bits!r}")
         if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
             raise ValueError(f"qsgd: block must be a positive integer, got {block!r}")
-        self.bits, self.block = bits, block
+        if rounding not in self.ROUNDINGS:
+            raise ValueError(f"qsgd: rounding must be one of {', '.join(self.ROUNDINGS)}, got {rounding!r}")
+        self.bits, self.block, self.rounding = bits, block, rounding
         self.levels = (1 << (bits - 1)) - 1
 
     def descriptor(self) -> str:
-        return f"qsgd(bits={self.bits}" + (f",block={self.block})" if self.block else ")")
+        args = [f"bits={self.bits}"] + ([f"block={self.block}"] if self.block else []) \
+            + (["rounding=nearest"] if self.rounding == "nearest" else [])
+        return f"qsgd({','.join(args)})"
 
     def part_dtypes(self) -> dict[str, torch.dtype]:
         return {"levels": torch.uint8, "scales": torch.float32}
@@ -191,7 +201,7 @@ class QSGD(Codec):
         return {"levels": packed_len(numel, self.bits), "scales": self._blocks(numel)}
 
     def needs_generator(self) -> bool:
-        return True
+        return self.rounding == "stochastic"
 
     def _blocks(self, numel: int) -> int:
         return 0 if numel == 0 else (1 if self.block is None else -(-numel // self.block))
@@ -212,9 +222,12 @@ class QSGD(Codec):
         scales = blocks.abs().amax(1)
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))
         y = blocks / safe.unsqueeze(1) * self.levels
-        low = torch.floor(y)
-        u = torch.rand(y.shape, generator=gen, device=y.device, dtype=y.dtype)
-        q = (low + (u < (y - low)).to(y.dtype)).clamp_(-self.levels, self.levels)
+        if self.rounding == "nearest":
+            q = torch.round(y).clamp_(-self.levels, self.levels)
+        else:
+            low = torch.floor(y)
+            u = torch.rand(y.shape, generator=gen, device=y.device, dtype=y.dtype)
+            q = (low + (u < (y - low)).to(y.dtype)).clamp_(-self.levels, self.levels)
         codes = (q.reshape(-1)[:n] + self.levels).to(torch.uint8)
         return {"levels": pack_bits(codes, self.bits), "scales": scales}
 
@@ -500,10 +513,18 @@ class Chain(Codec):
 
     def from_bytes(self, data: torch.Tensor, shape: tuple[int, ...]) -> Encoded:
         """Inverse of :meth:`to_bytes` for a tensor of ``shape`` (untrusted input: ValueError)."""
+        encoded, end = self.read_bytes(data, 0, shape)
+        if end != data.numel():
+            raise ValueError(f"payload has {data.numel() - end} trailing bytes")
+        return encoded
+
+    def read_bytes(self, data: torch.Tensor, pos: int, shape: tuple[int, ...]) -> tuple[Encoded, int]:
+        """The :meth:`to_bytes` image of a tensor of ``shape`` that starts at byte ``pos`` of ``data``, and the
+        position just after it (for buffers that hold several tensors back to back; untrusted: ValueError)."""
         if data.dtype != torch.uint8 or data.dim() != 1:
             raise ValueError("payload must be a 1-D uint8 buffer")
         counts = self.part_numels(_numel(shape), tuple(shape))
-        parts, pos = {}, 0
+        parts = {}
         for name, dtype in self.part_dtypes().items():
             itemsize = torch.empty(0, dtype=dtype).element_size()
             count = counts[name]
@@ -519,14 +540,12 @@ class Chain(Codec):
             chunk = data[pos:pos + nbytes].clone()
             parts[name] = chunk.view(dtype) if itemsize > 1 else chunk
             pos += nbytes
-        if pos != data.numel():
-            raise ValueError(f"payload has {data.numel() - pos} trailing bytes")
-        return Encoded(self.descriptor(), tuple(shape), parts)
+        return Encoded(self.descriptor(), tuple(shape), parts), pos
 
 
 # ----------------------------------------------------------------------------------------------- parsing
 _CODECS: dict[str, Any] = {"cast": Cast, "qsgd": QSGD, "topk": TopK, "sign": Sign, "lowrank": LowRank}
-_PARAMS = {"cast": ("dtype",), "qsgd": ("bits", "block"), "topk": ("frac", "k"), "sign": (), "lowrank": ("rank",)}
+_PARAMS = {"cast": ("dtype",), "qsgd": ("bits", "block", "rounding"), "topk": ("frac", "k"), "sign": (), "lowrank": ("rank",)}
 _STAGE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?", re.S)
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?)")
 
@@ -554,7 +573,7 @@ def _split_top(text: str) -> list[str]:
 
 def _value(name: str, key: str, text: str) -> Any:
     text = text.strip()
-    if key == "dtype":
+    if key in ("dtype", "rounding"):  # the word-valued parameters
         return text
     if not _NUMBER.fullmatch(text):
         raise ValueError(f"{name}: parameter {key} must be a number, got {text!r}")
@@ -562,7 +581,8 @@ def _value(name: str, key: str, text: str) -> Any:
 
 
 def parse_codec(text: str) -> Codec:
-    """One stage: ``bf16``, ``fp16``, ``cast(dtype=bf16)``, ``qsgd(bits=4, block=256)``, ``topk(frac=0.01)``,
+    """One stage: ``bf16``, ``fp16``, ``cast(dtype=bf16)``, ``qsgd(bits=4, block=256)`` (``rounding=nearest``
+    for deterministic rounding), ``topk(frac=0.01)``,
     ``topk(k=1000)``, ``sign``, ``lowrank(rank=4)``. Unknown names or parameters raise a one-line ValueError."""
     text = text.strip()
     if text in _HALF:

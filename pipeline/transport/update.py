@@ -27,7 +27,7 @@ from pipeline.config import TransportConfig
 from pipeline.transport.codecs import Cast, Chain, CodecContext, Encoded, parse_chain
 from pipeline.transport.error_feedback import ErrorFeedback
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: an encoded update is one packed buffer (wire.update_to_record)
 GROUPS = ("codec", "excluded", "bn")
 
 

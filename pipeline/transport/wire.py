@@ -1,10 +1,11 @@
 """What a Flower message carries: model state <-> ``ArrayRecord`` (fp32 / fp16 / bf16) and the run config.
 
 Both the ClientApp and the ServerApp use this one codec, so bytes are counted on exactly the payload that
-travels. An encoded update (:mod:`pipeline.transport.update`) travels as one raw-buffer Array per encoded
-part, keyed ``NAME/PART`` (``conv1.weight/values``, ``conv1.weight/indices``, ``conv1.weight/scales``), plus
-one ``transport-header`` Array holding the JSON header (format version, codec chain, dtype) that the receiver
-checks before decoding. On the wire each tensor is one ``Array`` whose ``data`` is the raw little-endian buffer
+travels. An encoded update (:mod:`pipeline.transport.update`) travels as one raw uint8 Array (``update``):
+the JSON header (format version, codec chain, dtype, layout digest) that the receiver checks before decoding,
+then each tensor's encoded parts back to back in sorted name order. Names, shapes and per-part metadata stay home:
+both sides know them from the model, and on a ~8 KB low-rank update they were ~20% of the message. A state
+(the downlink's full model, dense replies) travels as one Array per tensor. On the wire each tensor is one ``Array`` whose ``data`` is the raw little-endian buffer
 (``stype="compactfl.raw"``; dtype and shape travel in the Array's own fields), so the payload is exactly
 ``numel * itemsize`` and no per-tensor npy header inflates small tensors. bf16 (which NumPy lacks) travels
 as its 16-bit patterns. Flower's strategies aggregate NumPy-backed Arrays: the server converts valid
@@ -24,6 +25,7 @@ from flwr.common.serde import array_to_proto, message_to_proto
 
 from models.state import cast_state
 from pipeline.config import RunConfig, TransportConfig, config_from_dict
+from pipeline.transport.codecs import Chain, Encoded, parse_chain
 from pipeline.transport.update import EncodedUpdate, check_header, decode_update, tensor_chain, tensor_group
 
 RAW_STYPE = "compactfl.raw"
@@ -44,7 +46,10 @@ CONFIG_KEY = "compactfl-config"
 CONFIG_HASH_KEY = "compactfl-config-hash"
 #: the start of a node's error reason when it lacks the run config a message names (the server resends it)
 CONFIG_MISSING = "run config missing"
+#: the train message's config key of the transport header a node checks before training
 HEADER_KEY = "transport-header"
+#: the one array of an encoded update record (header + every tensor's encoded bytes, packed)
+UPDATE_KEY = "update"
 #: largest header accepted from a peer (a JSON object of three short fields).
 MAX_HEADER_BYTES = 4096
 #: a train message's learning rates, one per local epoch, from the run's schedule on the global epoch count
@@ -118,17 +123,6 @@ def message_nbytes(msg: Message) -> int:
         return sum(int(r.count_bytes()) for r in msg.content.array_records.values()) if msg.has_content() else 0
 
 
-def record_group_nbytes(record: ArrayRecord, transport: TransportConfig) -> dict[str, int]:
-    """Serialised bytes of an ArrayRecord per tensor group (``codec``/``excluded``/``bn``/``header``): each
-    Array's protobuf size (buffer + dtype, shape, stype) plus its key; encoded parts count for their tensor."""
-    out: dict[str, int] = defaultdict(int)
-    for key, array in record.items():
-        name = key.rpartition("/")[0] if "/" in key else key
-        group = "header" if key == HEADER_KEY else tensor_group(name, transport)
-        out[group] += int(array_to_proto(array).ByteSize()) + len(key.encode())
-    return dict(out)
-
-
 def config_to_json(cfg: RunConfig) -> str:
     """The resolved run config as JSON (sent to clients so every node trains with the server's config)."""
     return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
@@ -150,49 +144,118 @@ def config_from_json(text: str) -> RunConfig:
 
 
 # -------------------------------------------------------------------------------------- encoded updates
+def layout_digest(layout: dict[str, tuple[int, ...]]) -> str:
+    """A short name of a model's tensor layout (names and shapes): sender and receiver must agree on it, since
+    a packed update's tensors follow each other in sorted name order without names."""
+    import hashlib
+
+    text = ";".join(f"{name}:{'x'.join(str(int(d)) for d in shape)}" for name, shape in sorted(layout.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def update_to_record(update: EncodedUpdate) -> ArrayRecord:
-    """An :class:`EncodedUpdate` as an ``ArrayRecord``: the header, then ``NAME/PART`` raw Arrays."""
-    record = ArrayRecord()
-    head = json.dumps(update.header, sort_keys=True).encode()
-    record[HEADER_KEY] = encode_tensor(torch.frombuffer(bytearray(head), dtype=torch.uint8))
-    for name, enc in update.tensors.items():
-        for part, tensor in enc.parts.items():
-            record[f"{name}/{part}"] = encode_tensor(tensor)
-    return record
+    """An :class:`EncodedUpdate` as an ``ArrayRecord`` holding one raw uint8 buffer under ``UPDATE_KEY``.
+
+    The buffer is the header's length (2 bytes, little-endian), the header JSON (format version, codec chain,
+    dense dtype, layout digest), then every tensor in sorted name order (the same on every node, whatever order
+    a state was loaded in) as its chain's :meth:`Chain.to_bytes` image: no names, shapes or per-array metadata travel, since the receiver knows them from its own model.
+    """
+    layout = {name: tuple(enc.shape) for name, enc in update.tensors.items()}
+    head = json.dumps({**update.header, "layout": layout_digest(layout)}, sort_keys=True,
+                      separators=(",", ":")).encode()
+    chunks = [torch.tensor(list(len(head).to_bytes(2, "little")) + list(head), dtype=torch.uint8)]
+    for name in sorted(update.tensors):
+        enc = update.tensors[name]
+        chunks.append(parse_chain(enc.codec).to_bytes(enc).cpu())
+    return ArrayRecord({UPDATE_KEY: encode_tensor(torch.cat(chunks))})
+
+
+def _update_buffer(record: ArrayRecord) -> torch.Tensor:
+    """The packed buffer of an untrusted update record (exactly one raw 1-D uint8 Array)."""
+    keys = list(record.keys())
+    if keys != [UPDATE_KEY]:
+        raise ValueError(f"encoded update: expected the one array {UPDATE_KEY!r}, got {len(keys)} array(s) "
+                         f"{[str(k)[:40] for k in keys[:3]]}")
+    array = record[UPDATE_KEY]
+    if array.stype != RAW_STYPE or array.dtype != "uint8" or len(array.shape) != 1:
+        raise ValueError(f"encoded update: {UPDATE_KEY!r} must be a 1-D raw uint8 buffer")
+    return decode_array(array)
+
+
+def _read_header(data: torch.Tensor) -> tuple[Any, int]:
+    """The header object at the start of a packed buffer and where the tensors begin."""
+    if data.numel() < 2:
+        raise ValueError("transport header: the buffer ends before the header's length")
+    size = int(data[0]) | (int(data[1]) << 8)
+    if size > MAX_HEADER_BYTES or 2 + size > data.numel():
+        raise ValueError(f"transport header: {size} bytes claimed, at most {MAX_HEADER_BYTES} and within the buffer")
+    try:
+        return json.loads(bytes(data[2:2 + size].tolist()).decode()), 2 + size
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError("transport header: not valid JSON") from None
+
+
+def _split_update(data: torch.Tensor, transport: TransportConfig, layout: dict[str, tuple[int, ...]], round: int,
+                  ) -> tuple[int, dict[str, Encoded]]:
+    """Header size and the encoded tensors of a packed buffer, header checked (ValueError naming the culprit)."""
+    received, pos = _read_header(data)
+    check_header(received, transport, round)
+    if received.get("layout") != layout_digest(layout):
+        raise ValueError(f"transport header: layout {received.get('layout')!r} is not this model's "
+                         f"{layout_digest(layout)!r} (a different model or version)")
+    header_end, tensors = pos, {}
+    for name, shape in sorted(layout.items()):
+        try:
+            tensors[name], pos = tensor_chain(name, transport, round).read_bytes(data, pos, tuple(shape))
+        except ValueError as exc:
+            raise ValueError(f"update tensor {name!r}: {exc}") from None
+    if pos != data.numel():
+        raise ValueError(f"update tensor {max(layout)!r}: {data.numel() - pos} bytes follow the last tensor")
+    return header_end, tensors
+
+
+def record_to_encoded(record: ArrayRecord, transport: TransportConfig, layout: dict[str, tuple[int, ...]],
+                      round: int) -> EncodedUpdate:
+    """The :class:`EncodedUpdate` of an untrusted packed record, split but not decoded (header checked); the
+    inverse of :func:`update_to_record`. Malformed input is a one-line ValueError naming the header or tensor."""
+    data = _update_buffer(record)
+    _, tensors = _split_update(data, transport, layout, round)
+    received, _ = _read_header(data)
+    head = {k: v for k, v in received.items() if k != "layout"}
+    return EncodedUpdate(tensors, {name: tensor_group(name, transport) for name in tensors}, head)
 
 
 def record_to_update(record: ArrayRecord, transport: TransportConfig, layout: dict[str, tuple[int, ...]],
                      round: int) -> dict[str, torch.Tensor]:
     """fp32 tensors of ``layout`` from an untrusted record of :func:`update_to_record`.
 
-    The header must match ``transport`` for ``round``; each tensor must carry exactly its chain's parts in
-    their dtypes. Anything else is a one-line ValueError naming the header, key or tensor.
+    The header must match ``transport`` for ``round`` and the receiver's layout; each tensor must fill exactly
+    its chain's parts. Anything else is a one-line ValueError naming the header or the tensor.
     """
-    if HEADER_KEY not in record:
-        raise ValueError(f"encoded update lacks its {HEADER_KEY!r}")
-    head = record[HEADER_KEY]
-    if head.stype != RAW_STYPE or head.dtype != "uint8" or len(head.data) > MAX_HEADER_BYTES:
-        raise ValueError(f"{HEADER_KEY}: expected a raw uint8 buffer of at most {MAX_HEADER_BYTES} bytes")
+    encoded = record_to_encoded(record, transport, layout, round)
+    return decode_update({name: enc.parts for name, enc in encoded.tensors.items()}, transport, layout, round)
+
+
+def record_group_nbytes(record: ArrayRecord, transport: TransportConfig, layout: dict[str, tuple[int, ...]],
+                        round: int) -> dict[str, int]:
+    """Serialised bytes of a reply's record per tensor group (``codec``/``excluded``/``bn``/``header``).
+
+    A state record (one Array per tensor) counts each Array's protobuf size plus its key for its tensor. A
+    packed update counts each tensor's encoded bytes, and the header, key and Array metadata as ``header``;
+    one that does not parse counts whole as ``unparsed``."""
+    sizes = {k: int(array_to_proto(a).ByteSize()) + len(k.encode()) for k, a in record.items()}
+    out: dict[str, int] = defaultdict(int)
+    if UPDATE_KEY not in record:
+        for key, size in sizes.items():
+            out[tensor_group(key, transport)] += size
+        return dict(out)
     try:
-        received = json.loads(bytes(head.data).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError(f"{HEADER_KEY}: not valid JSON") from None
-    check_header(received, transport, round)
-    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, array in record.items():
-        if key == HEADER_KEY:
-            continue
-        name, sep, part = key.rpartition("/")
-        if not sep or name not in layout:
-            raise ValueError(f"encoded update: unexpected key {key!r}")
-        want = tensor_chain(name, transport, round).part_dtypes()
-        if part not in want:
-            raise ValueError(f"update tensor {name!r}: unexpected part {part!r}")
-        if array.stype != RAW_STYPE or array.dtype not in _RAW or _RAW[array.dtype][1] != want[part] \
-                or len(array.shape) != 1:
-            raise ValueError(f"update tensor {name!r}: part {part!r} must be a 1-D raw {want[part]} buffer")
-        try:
-            parts[name][part] = decode_array(array)
-        except ValueError as exc:
-            raise ValueError(f"update tensor {name!r}: part {part!r}: {exc}") from None
-    return decode_update(dict(parts), transport, layout, round)
+        _, tensors = _split_update(_update_buffer(record), transport, layout, round)
+    except ValueError:
+        return {"unparsed": sum(sizes.values())}
+    chains: dict[str, Chain] = {}
+    for name, enc in tensors.items():
+        chain = chains.setdefault(enc.codec, parse_chain(enc.codec))
+        out[tensor_group(name, transport)] += int(chain.to_bytes(enc).numel())
+    out["header"] = sum(sizes.values()) - sum(out.values())
+    return dict(out)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.app import app as client_app
@@ -27,7 +27,16 @@ from pipeline.transport.node_store import (
     save_round,
 )
 from pipeline.transport.update import header
-from pipeline.transport.wire import CONFIG_KEY, HEADER_KEY, RUN_KEY, decode_array, encode_tensor
+from pipeline.transport.wire import (
+    CONFIG_KEY,
+    HEADER_KEY,
+    RUN_KEY,
+    UPDATE_KEY,
+    decode_array,
+    encode_tensor,
+    record_to_encoded,
+    update_to_record,
+)
 from server.local_grid import LocalGrid
 from server.runner import run_server
 from tests.hostile_clients import hostile_app
@@ -233,20 +242,21 @@ def test_a_node_refuses_a_malformed_run_key_with_a_one_line_reason(tmp_path: Pat
 
 
 def test_malformed_encoded_replies_are_dropped_not_fatal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    def break_indices(reply: Message, _base) -> None:
-        arrays = reply.content["arrays"]
-        key = next(k for k in arrays if k.endswith("/indices"))
-        arrays[key] = arrays[HEADER_KEY]  # a uint8 header where int indices belong
+    def break_indices(reply: Message, _base) -> None:  # the buffer ends inside the last tensor's parts
+        array = reply.content["arrays"][UPDATE_KEY]
+        reply.content["arrays"][UPDATE_KEY] = encode_tensor(decode_array(array)[:-3])
 
     def drop_header(reply: Message, _base) -> None:
-        del reply.content["arrays"][HEADER_KEY]
+        reply.content["arrays"] = ArrayRecord({"transport-header": reply.content["arrays"][UPDATE_KEY]})
 
     summary = run(codec_config(tmp_path), hostile_app({1: break_indices, 2: drop_header}))
     hist = history(tmp_path / "codec")
     assert summary["rounds"] == 2 and all(r["replies_dropped"] == 2 and r["replies_ok"] == 1 for r in hist)
     assert "dropped reply from node 1001 (train): encoded update does not decode" in caplog.text
-    assert "node 1002 (train): encoded update does not decode: encoded update lacks its 'transport-header'" \
+    assert "node 1001 (train): encoded update does not decode: update tensor 'stages.2.1.weight': payload ends " \
         in caplog.text
+    assert "node 1002 (train): encoded update does not decode: encoded update: expected the one array 'update', " \
+        "got 1 array(s) ['transport-header']" in caplog.text
 
 
 def test_robust_aggregators_refuse_sparse_codecs_and_take_dense_ones(tmp_path: Path) -> None:
@@ -364,11 +374,17 @@ def test_dense_warmup_rounds_send_dense_updates_first(tmp_path: Path) -> None:
 
 
 def test_the_screen_sees_decoded_updates_and_clips_an_inflated_encoded_one(tmp_path: Path) -> None:
-    def inflate(reply: Message, _base) -> None:
-        arrays = reply.content["arrays"]
-        for key in [k for k in arrays if k.endswith("/values")]:
-            arrays[key] = encode_tensor(decode_array(arrays[key]) * 1000.0)
+    raw = codec_config(tmp_path)
+    transport = config_from_dict(raw).transport
 
-    run(codec_config(tmp_path), hostile_app({1: inflate}))
+    def inflate(reply: Message, base) -> None:
+        layout = {k: tuple(v.shape) for k, v in base.items()}
+        enc = record_to_encoded(reply.content["arrays"], transport, layout, 1)  # no warm-up: one chain every round
+        for part in enc.tensors.values():
+            if "values" in part.parts:
+                part.parts["values"] = part.parts["values"] * 1000.0
+        reply.content["arrays"] = update_to_record(enc)
+
+    run(raw, hostile_app({1: inflate}))
     hist = history(tmp_path / "codec")
     assert [r["replies_clipped"] for r in hist] == [1, 1] and all(r["replies_ok"] == 3 for r in hist)

@@ -28,7 +28,7 @@ from pipeline.config import TransportConfig, config_from_dict
 from pipeline.transport.codecs import CodecContext
 from pipeline.transport.error_feedback import ErrorFeedback
 from pipeline.transport.update import encode_update
-from pipeline.transport.wire import HEADER_KEY, record_to_update, update_to_record
+from pipeline.transport.wire import record_to_encoded, record_to_update, update_to_record
 from server.local_grid import NODE_ID_BASE, LocalGrid
 from server.runner import run_server
 from tests.hostile_clients import ATTACKS, ModelAttack, hostile_app
@@ -142,7 +142,7 @@ def test_the_encoded_attack_is_a_valid_reply_carrying_the_scaled_update() -> Non
                                 "train", NODE_ID_BASE, "")
     ModelAttack(multiplier=-5.0, claim=99).tamper_encoded(reply, base, transport, 2, ctx)
     arrays = reply.content["arrays"]
-    assert bytes(arrays[HEADER_KEY].data) == bytes(record[HEADER_KEY].data)  # same chain and header
+    assert record_to_encoded(arrays, transport, layout, 2).header == record_to_encoded(record, transport, layout, 2).header
     attacked = record_to_update(arrays, transport, layout, 2)  # decodes as the server decodes it
     assert torch.equal(attacked["bn.running_var"], sent["bn.running_var"])  # BN statistics honest
     want = -5.0 * sent["conv.weight"]

@@ -71,6 +71,25 @@ def test_qsgd_error_is_below_one_step_and_bytes_are_exact() -> None:
     assert torch.equal(zero, torch.zeros(10))
 
 
+def test_nearest_rounding_is_deterministic_within_half_a_step_and_beats_stochastic_in_mse() -> None:
+    x = _x(1000)
+    near, stoch = parse_codec("qsgd(bits=3, block=256, rounding=nearest)"), parse_codec("qsgd(bits=3, block=256)")
+    assert near.descriptor() == "qsgd(bits=3,block=256,rounding=nearest)" and not near.needs_generator()
+    enc = near.encode(x, CTX)
+    assert all(torch.equal(enc.parts[k], near.encode(x, CODEC_OTHER_CTX).parts[k]) for k in enc.parts)
+    out = near.decode(enc)
+    scales = x.view(-1)[: 768].view(3, 256).abs().amax(1).tolist() + [x[768:].abs().max().item()]
+    step = torch.tensor(scales).repeat_interleave(torch.tensor([256, 256, 256, 232])) / 3
+    assert bool(((out - x).abs() <= step / 2 * (1 + 1e-5)).all())
+    assert float(((out - x).abs() - step / 2).max()) > -0.1 * float(step.min())  # the bound is nearly reached
+    assert enc.nbytes == stoch.encode(x, CTX).nbytes == 375 + 4 * 4
+    mse_near = float(((out - x) ** 2).mean())
+    mse_stoch = float(((stoch.decode(stoch.encode(x, CTX)) - x) ** 2).mean())
+    assert mse_near < 0.7 * mse_stoch  # about half in expectation
+    on_grid = out.clone()
+    assert torch.equal(near.decode(near.encode(on_grid, CTX)), on_grid)  # values on the grid stay put
+
+
 def test_stochastic_rounding_is_seeded_by_the_context() -> None:
     x = _x(500)
     codec = parse_chain("topk(frac=0.5)+qsgd(bits=2)")
@@ -195,7 +214,8 @@ def test_chain_applies_later_codecs_to_the_kept_values() -> None:
 @pytest.mark.parametrize("spec", ["bf16", "fp16", "cast(dtype=fp16)", "qsgd(bits=4)", "qsgd(bits=6, block=64)",
                                   "topk(frac=0.05)", "topk(k=3)", "sign", "none", "[topk(frac=0.1), sign]",
                                   "topk(frac=0.01) + qsgd(bits=8, block=256)", "topk(k=9)+bf16",
-                                  "lowrank(rank=3)", "lowrank(rank=2)+qsgd(bits=4, block=64)"])
+                                  "lowrank(rank=3)", "lowrank(rank=2)+qsgd(bits=4, block=64)",
+                                  "qsgd(bits=3, rounding=nearest)", "lowrank(rank=7)+qsgd(bits=4,block=256,rounding=nearest)"])
 def test_descriptors_parse_back_to_the_same_chain_and_bytes_round_trip(spec: str) -> None:
     chain = parse_chain(spec)
     assert parse_chain(chain.descriptor()) == chain
@@ -214,6 +234,7 @@ def test_descriptors_parse_back_to_the_same_chain_and_bytes_round_trip(spec: str
     ("qsgd(bits=1)", "bits must be an integer in 2..8"),
     ("qsgd(bits=4.5)", "bits must be an integer"),
     ("qsgd(bits=4, block=0)", "block must be a positive"),
+    ("qsgd(bits=4, rounding=floor)", "rounding must be one of stochastic, nearest, got 'floor'"),
     ("topk(frac=0)", "frac must be in"),
     ("topk(frac=0.1, k=3)", "exactly one of frac or k"),
     ("topk()", "exactly one of frac or k"),

@@ -17,7 +17,15 @@ from pipeline.config import TransportConfig
 from pipeline.transport.codecs import CodecContext
 from pipeline.transport.error_feedback import ErrorFeedback
 from pipeline.transport.update import decode_encoded, downlink_rules, encode_update, tensor_group
-from pipeline.transport.wire import HEADER_KEY, RAW_STYPE, record_nbytes, record_to_update, update_to_record
+from pipeline.transport.codecs import parse_chain
+from pipeline.transport.wire import (
+    RAW_STYPE,
+    UPDATE_KEY,
+    record_group_nbytes,
+    record_nbytes,
+    record_to_update,
+    update_to_record,
+)
 
 CHAIN = ["topk(frac=0.01)", "qsgd(bits=8,block=256)"]
 
@@ -51,9 +59,17 @@ def test_groups_follow_the_rules_and_bytes_add_up_exactly() -> None:
     assert 0 < by_group["codec"] < 0.05 * 4 * codec_numel
     assert sum(by_group.values()) == enc.nbytes
     record = update_to_record(enc)
-    assert record_nbytes(record) == enc.nbytes + len(record[HEADER_KEY].data) + sum(len(k) for k in record)
-    assert "stages.1.0.weight/indices" in record and "stages.1.0.weight/levels" in record
-    assert record["stages.0.1.running_var/values"].dtype == "bfloat16"
+    assert list(record) == [UPDATE_KEY] and record[UPDATE_KEY].dtype == "uint8"
+    data = record[UPDATE_KEY].data
+    head = 2 + data[0] + 256 * data[1]  # the header's length, then the header
+    assert b'"layout":' in data[2:head] and b'"format":2' in data[2:head]
+    prefixes = sum(4 for e in enc.tensors.values()  # the one length per part whose size depends on the data
+                   for n in parse_chain(e.codec).part_numels(1, e.shape).values() if n is None)
+    assert record_nbytes(record) == head + enc.nbytes + prefixes + len(UPDATE_KEY)
+    groups = record_group_nbytes(record, t, _layout(update), round=3)
+    assert groups["excluded"] == by_group["excluded"] and groups["bn"] == by_group["bn"]
+    assert groups["codec"] == by_group["codec"] + prefixes
+    assert sum(groups.values()) > record_nbytes(record)  # the header group also holds the Array's metadata
 
 
 def test_wire_round_trip_equals_in_process_decoding() -> None:
@@ -109,48 +125,56 @@ def test_receiver_refuses_a_header_that_does_not_match_its_config(receiver: dict
     record = update_to_record(encode_update(update, _transport(), CodecContext(round=3)))
     with pytest.raises(ValueError, match=needle):
         record_to_update(record, _transport(**receiver), _layout(update), round=3)
-    old = ArrayRecord(dict(record.items()))
-    old[HEADER_KEY] = Array(dtype="uint8", shape=(11,), stype=RAW_STYPE, data=b'{"format":0')
+    data = bytes(record[UPDATE_KEY].data)
+    old = ArrayRecord({UPDATE_KEY: Array(dtype="uint8", shape=(len(data),), stype=RAW_STYPE,
+                                         data=data[:2] + b"[" + data[3:])})  # the header's opening brace garbled
     with pytest.raises(ValueError, match="not valid JSON"):
         record_to_update(old, _transport(), _layout(update), round=3)
 
 
+def test_receiver_refuses_an_update_for_another_layout() -> None:
+    update = _update()
+    record = update_to_record(encode_update(update, _transport(), CodecContext(round=3)))
+    renamed = {("head." + k if k.startswith("classifier.3") else k): v for k, v in _layout(update).items()}
+    with pytest.raises(ValueError, match=r"transport header: layout '[0-9a-f]{8}' is not this model's"):
+        record_to_update(record, _transport(), renamed, round=3)
+    reordered = dict(reversed(list(_layout(update).items())))  # a state loaded in another order decodes the same
+    torch.testing.assert_close(record_to_update(record, _transport(), reordered, round=3),
+                               record_to_update(record, _transport(), _layout(update), round=3))
+
+
 def _mutations(record: ArrayRecord, rng: random.Random) -> list[tuple[str, ArrayRecord]]:
-    """Malformed copies of ``record``: truncated/extended/garbled parts, dropped and foreign keys."""
-    keys = [k for k in record if k != HEADER_KEY]
+    """Malformed copies of a packed update ``record``: truncated, extended, garbled (header bytes included),
+    spliced buffers, a wrong dtype or shape, and foreign or missing arrays."""
+    arr = record[UPDATE_KEY]
     out = []
-    for _ in range(40):
-        bad = ArrayRecord(dict(record.items()))
-        key = rng.choice(keys)
-        arr = bad[key]
+    for _ in range(60):
         data = bytearray(arr.data)
-        kind = rng.choice(["truncate", "extend", "garble", "drop", "foreign", "dtype", "nan"])
-        if kind == "truncate" and len(data) > 1:
+        kind = rng.choice(["truncate", "extend", "garble", "garble-head", "splice", "dtype", "foreign", "drop"])
+        if kind == "truncate":
             data = data[: rng.randrange(len(data))]
         elif kind == "extend":
             data += bytes(rng.randrange(1, 9))
-        elif kind == "garble" and data:
+        elif kind == "garble":
             for _ in range(rng.randrange(1, 6)):
                 data[rng.randrange(len(data))] = rng.randrange(256)
-        elif kind == "drop":
-            del bad[key]
-            out.append((kind, bad))
+        elif kind == "garble-head":
+            data[rng.randrange(2 + data[0])] = rng.randrange(256)
+        elif kind == "splice":
+            at = rng.randrange(len(data))
+            data = data[:at] + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 5))) + data[at + 4:]
+        elif kind == "dtype":
+            out.append((kind, ArrayRecord({UPDATE_KEY: Array(dtype="float32", shape=(len(data) // 4,),
+                                                             stype=RAW_STYPE, data=bytes(data[: len(data) // 4 * 4]))})))
             continue
         elif kind == "foreign":
-            bad[key.rsplit("/", 1)[0] + "/extra"] = arr
-            out.append((kind, bad))
+            out.append((kind, ArrayRecord({UPDATE_KEY: arr, "extra": arr})))
             continue
-        elif kind == "dtype":
-            bad[key] = Array(dtype="float32" if arr.dtype != "float32" else "uint8", shape=arr.shape,
-                             stype=RAW_STYPE, data=bytes(data))
-            out.append((kind, bad))
+        else:
+            out.append((kind, ArrayRecord()))
             continue
-        elif kind == "nan" and arr.dtype == "float32" and len(data) >= 4:
-            data[0:4] = bytes.fromhex("0000c07f")
-        itemsize = {"uint8": 1, "float32": 4, "bfloat16": 2, "float16": 2}[arr.dtype]
-        shape = (len(data) // itemsize,) if len(data) % itemsize == 0 else arr.shape
-        bad[key] = Array(dtype=arr.dtype, shape=shape, stype=RAW_STYPE, data=bytes(data))
-        out.append((kind, bad))
+        out.append((kind, ArrayRecord({UPDATE_KEY: Array(dtype="uint8", shape=(len(data),), stype=RAW_STYPE,
+                                                         data=bytes(data))})))
     return out
 
 
@@ -167,6 +191,6 @@ def test_fuzzed_records_fail_only_with_value_errors_naming_the_tensor() -> None:
             except ValueError as exc:
                 msg = str(exc)
                 assert "\n" not in msg
-                assert msg.startswith("update tensor '"), (kind, msg)
+                assert msg.startswith(("update tensor '", "transport header", "encoded update:")), (kind, msg)
             else:  # a garbled byte may still decode to a valid update: it must then be finite and well-shaped
                 assert all(torch.isfinite(v).all() and v.shape == update[k].shape for k, v in out.items()), kind
