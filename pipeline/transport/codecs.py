@@ -545,7 +545,8 @@ class Chain(Codec):
 
 # ----------------------------------------------------------------------------------------------- parsing
 _CODECS: dict[str, Any] = {"cast": Cast, "qsgd": QSGD, "topk": TopK, "sign": Sign, "lowrank": LowRank}
-_PARAMS = {"cast": ("dtype",), "qsgd": ("bits", "block", "rounding"), "topk": ("frac", "k"), "sign": (), "lowrank": ("rank",)}
+_PARAMS = {"cast": ("dtype",), "qsgd": ("bits", "block", "rounding"), "topk": ("frac", "k"), "sign": (),
+           "lowrank": ("rank",)}
 _STAGE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?", re.S)
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?)")
 

@@ -5,7 +5,8 @@ travels. An encoded update (:mod:`pipeline.transport.update`) travels as one raw
 the JSON header (format version, codec chain, dtype, layout digest) that the receiver checks before decoding,
 then each tensor's encoded parts back to back in sorted name order. Names, shapes and per-part metadata stay home:
 both sides know them from the model, and on a ~8 KB low-rank update they were ~20% of the message. A state
-(the downlink's full model, dense replies) travels as one Array per tensor. On the wire each tensor is one ``Array`` whose ``data`` is the raw little-endian buffer
+(the downlink's full model, dense replies) travels as one Array per tensor. On the wire each tensor is one
+``Array`` whose ``data`` is the raw little-endian buffer
 (``stype="compactfl.raw"``; dtype and shape travel in the Array's own fields), so the payload is exactly
 ``numel * itemsize`` and no per-tensor npy header inflates small tensors. bf16 (which NumPy lacks) travels
 as its 16-bit patterns. Flower's strategies aggregate NumPy-backed Arrays: the server converts valid
@@ -158,7 +159,8 @@ def update_to_record(update: EncodedUpdate) -> ArrayRecord:
 
     The buffer is the header's length (2 bytes, little-endian), the header JSON (format version, codec chain,
     dense dtype, layout digest), then every tensor in sorted name order (the same on every node, whatever order
-    a state was loaded in) as its chain's :meth:`Chain.to_bytes` image: no names, shapes or per-array metadata travel, since the receiver knows them from its own model.
+    a state was loaded in) as its chain's :meth:`Chain.to_bytes` image: no names, shapes or per-array
+    metadata travel, since the receiver knows them from its own model.
     """
     layout = {name: tuple(enc.shape) for name, enc in update.tensors.items()}
     head = json.dumps({**update.header, "layout": layout_digest(layout)}, sort_keys=True,

@@ -142,7 +142,8 @@ def test_the_encoded_attack_is_a_valid_reply_carrying_the_scaled_update() -> Non
                                 "train", NODE_ID_BASE, "")
     ModelAttack(multiplier=-5.0, claim=99).tamper_encoded(reply, base, transport, 2, ctx)
     arrays = reply.content["arrays"]
-    assert record_to_encoded(arrays, transport, layout, 2).header == record_to_encoded(record, transport, layout, 2).header
+    sent_head = record_to_encoded(record, transport, layout, 2).header
+    assert record_to_encoded(arrays, transport, layout, 2).header == sent_head  # same chain and header
     attacked = record_to_update(arrays, transport, layout, 2)  # decodes as the server decodes it
     assert torch.equal(attacked["bn.running_var"], sent["bn.running_var"])  # BN statistics honest
     want = -5.0 * sent["conv.weight"]

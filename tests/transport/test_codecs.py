@@ -215,7 +215,8 @@ def test_chain_applies_later_codecs_to_the_kept_values() -> None:
                                   "topk(frac=0.05)", "topk(k=3)", "sign", "none", "[topk(frac=0.1), sign]",
                                   "topk(frac=0.01) + qsgd(bits=8, block=256)", "topk(k=9)+bf16",
                                   "lowrank(rank=3)", "lowrank(rank=2)+qsgd(bits=4, block=64)",
-                                  "qsgd(bits=3, rounding=nearest)", "lowrank(rank=7)+qsgd(bits=4,block=256,rounding=nearest)"])
+                                  "qsgd(bits=3, rounding=nearest)",
+                                  "lowrank(rank=7)+qsgd(bits=4,block=256,rounding=nearest)"])
 def test_descriptors_parse_back_to_the_same_chain_and_bytes_round_trip(spec: str) -> None:
     chain = parse_chain(spec)
     assert parse_chain(chain.descriptor()) == chain

@@ -14,10 +14,9 @@ from flwr.app import Array, ArrayRecord
 
 import models
 from pipeline.config import TransportConfig
-from pipeline.transport.codecs import CodecContext
+from pipeline.transport.codecs import CodecContext, parse_chain
 from pipeline.transport.error_feedback import ErrorFeedback
 from pipeline.transport.update import decode_encoded, downlink_rules, encode_update, tensor_group
-from pipeline.transport.codecs import parse_chain
 from pipeline.transport.wire import (
     RAW_STYPE,
     UPDATE_KEY,
@@ -164,8 +163,9 @@ def _mutations(record: ArrayRecord, rng: random.Random) -> list[tuple[str, Array
             at = rng.randrange(len(data))
             data = data[:at] + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 5))) + data[at + 4:]
         elif kind == "dtype":
-            out.append((kind, ArrayRecord({UPDATE_KEY: Array(dtype="float32", shape=(len(data) // 4,),
-                                                             stype=RAW_STYPE, data=bytes(data[: len(data) // 4 * 4]))})))
+            whole = bytes(data[: len(data) // 4 * 4])
+            out.append((kind, ArrayRecord({UPDATE_KEY: Array(dtype="float32", shape=(len(whole) // 4,),
+                                                             stype=RAW_STYPE, data=whole)})))
             continue
         elif kind == "foreign":
             out.append((kind, ArrayRecord({UPDATE_KEY: arr, "extra": arr})))
