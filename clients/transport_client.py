@@ -9,10 +9,10 @@ the node's error-feedback residuals read from and written to its own store
 (:mod:`pipeline.transport.node_store`) and stochastic rounding seeded by (seed, round, partition).
 
 ExpandNets under ``transport.communicate: compact`` (:mod:`pipeline.transport.compact_space`): the global
-state is in the run's wire layout; :func:`node_receiver` writes it into the node's OWN factors (kept in its
-store between rounds; the seeded initial expansion for a node without any) by lifting, and
-:func:`outgoing_arrays` contracts the trained factors back to the wire layout (and stores them) before the
-update ``trained - base`` goes through the codec chain like any dense update.
+state is in the run's wire layout; :func:`node_receiver` lifts it into the factors the node lifted the
+previous global model into (kept in its store between rounds; the seeded initial expansion for a node without
+any), and :func:`outgoing_arrays` contracts the trained factors back to the wire layout before the update
+``trained - base`` goes through the codec chain like any dense update.
 """
 
 from __future__ import annotations
@@ -81,21 +81,28 @@ def received_state(cfg: RunConfig, config: ConfigRecord, arrays: ArrayRecord, *,
 def node_receiver(cfg: RunConfig, *, server_round: int, state_folder: Path
                   ) -> Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, float]] | None:
     """How a received state enters the freshly built training model: None (load it as it is) unless ExpandNet
-    layers travel compact; then the node's own factors of its newest earlier round are loaded (none: the model
-    keeps the seeded initial expansion) and the received wire state is lifted into them; the callable returns
-    the largest lift residual as a reply metric."""
+    layers travel compact; then the factors this node lifted the previous global model into are loaded (none:
+    the model keeps the seeded initial expansion), the received wire state is lifted into them, and the result
+    is stored for the next round; the callable returns the largest lift residual as a reply metric.
+
+    Lifting into the previous GLOBAL factors (not into the factors this node trained) makes the lift the same
+    computation on every node: nodes that took part in the previous round start from identical factors, as
+    they would if factors travelled, without sending them (a node that missed rounds lifts from older factors:
+    the same compact function, another factorisation)."""
     space = compact_space(cfg)
     if space is None:
         return None
 
     def receive(model: nn.Module, wire: dict[str, torch.Tensor]) -> dict[str, float]:
-        own = load_latest(state_folder, FACTORS, server_round)
-        if own is not None:
+        held = load_latest(state_folder, FACTORS, server_round)
+        if held is not None:
             try:
-                models.load_trainable_state(model, own[1])
+                models.load_trainable_state(model, held[1])
             except ValueError as exc:
                 raise ValueError(f"node factor store in {str(state_folder)!r}: {exc}") from None
-        return {LIFT_RESIDUAL_KEY: space.compact_residual(space.receive(model, wire))}
+        residual = space.compact_residual(space.receive(model, wire))
+        save_round(state_folder, FACTORS, server_round, models.trainable_state(model))
+        return {LIFT_RESIDUAL_KEY: residual}
 
     return receive
 
@@ -105,8 +112,7 @@ def outgoing_arrays(cfg: RunConfig, base: dict[str, torch.Tensor], trained: dict
     """The reply's ArrayRecord and its payload bytes per tensor group (``codec``/``excluded``/``bn``)."""
     t = cfg.transport
     space = compact_space(cfg)
-    if space is not None:  # keep this node's trained factors; what travels is their wire-layout contraction
-        save_round(state_folder, FACTORS, server_round, trained)
+    if space is not None:  # what travels is the trained factors' wire-layout contraction
         trained = space.wire_state(space.holding(trained))
     if not t.codec:
         return encode_state(trained, t.dtype), {}

@@ -61,7 +61,7 @@ from models.expand_layers import ExpandedLinear
 from models.expandnets import contract, expand, expanded_layers
 from models.state import _invalidate_caches, trainable_state, unwrap
 
-__all__ = ["LayerLift", "LiftReport", "balance", "lift", "seeded_expansion", "REACH_TOL"]
+__all__ = ["LayerLift", "LiftReport", "balance", "lift", "seeded_expansion", "spread_correction", "REACH_TOL"]
 
 REACH_TOL = 1e-9  # a candidate "reaches" the target when its float64 relative residual is at most this
 MAX_MAP_ENTRIES = 20_000_000  # largest explicit map formed (all groups; float64: 160 MB plus its SVD)
@@ -111,13 +111,15 @@ def seeded_expansion(compact: nn.Module, strategy: str, rate: float = 4, seed: i
         return expand(compact, strategy, rate=rate, mode=mode)
 
 
-def lift(expanded: nn.Module, compact_state: dict[str, torch.Tensor]) -> LiftReport:
+def lift(expanded: nn.Module, compact_state: dict[str, torch.Tensor], spread: bool = False) -> LiftReport:
     """Make ``models.contract(expanded)`` equal the compact model with ``compact_state``, in place.
 
     ``compact_state`` has exactly the keys and shapes of ``models.trainable_state(models.contract(expanded))``
     (a ValueError names the first missing, unexpected or mis-shaped key; nothing is modified then). Tensors of
     non-expanded layers are copied; each expanded layer gets the minimal-norm correction of one factor and its
-    bias (see the module docstring). Returns what was done per layer, fallbacks included.
+    bias (see the module docstring). With ``spread``, :func:`spread_correction` first moves ALL factors of each
+    chain by the minimal-norm change that reaches the target to first order, and the one-factor solve only
+    removes what is left (second order). Returns what was done per layer, fallbacks included.
     """
     model = unwrap(expanded)
     targets = _check_state(model, compact_state)
@@ -129,9 +131,68 @@ def lift(expanded: nn.Module, compact_state: dict[str, torch.Tensor]) -> LiftRep
             own[k].copy_(torch.as_tensor(compact_state[k]).to(device=own[k].device, dtype=own[k].dtype))
         for path, layer in expanded_layers(model):
             w, b = targets[path]
+            if spread:
+                spread_correction(layer, w)
             reports.append(_lift_layer(path, layer, w, b))
     _invalidate_caches(model)
     return LiftReport(tuple(reports), tuple(copied))
+
+
+def spread_correction(layer: nn.Module, w_target: torch.Tensor, steps: int = 1, cg_iters: int = 20) -> float:
+    """Move every factor of ``layer``'s chain towards contracting to ``w_target``, changing them least, in place.
+
+    The contracted kernel ``K(W_1 .. W_L)`` is linear in each factor, so its Jacobian ``J`` is exact and cheap:
+    ``J d = sum_j K(.., d_j, ..)`` and ``J^T y`` is one backward pass. Each Gauss-Newton step solves
+    ``J J^T y = K* - K`` by conjugate gradients (float64) and adds ``d = J^T y``: the minimal-norm change of
+    all factors together. Why: a gradient step on the factors is ``-lr J^T dL/dK``, so the averaged factor
+    update of federated ExpandNets lies in the range of ``J^T`` to first order, and this lift of the averaged
+    compact update reproduces factor averaging there, where a one-factor correction puts everything on one
+    factor. A step that does not lower the residual is not taken (an unreachable target: fallback layers).
+    ``steps`` and ``cg_iters`` bound the cost (a SmallNet-7 CK layer: ~1.6 s at the defaults on one core); what
+    they leave is second order and goes to the one-factor solve. Returns the relative residual left.
+    """
+    groups = getattr(layer.chain[0], "groups", 1)
+    ws = [_as_conv(c.weight.detach()).to(torch.float64) for c in layer.chain]
+    target = _as_conv(w_target).to(ws[0])
+
+    def kernel(factors: list[torch.Tensor]) -> torch.Tensor:
+        return compose_chain(factors, [None] * len(factors), groups)[0]
+
+    def jvp(ds: list[torch.Tensor]) -> torch.Tensor:
+        return sum(kernel(ws[:j] + [ds[j]] + ws[j + 1:]) for j in range(len(ws)))  # type: ignore[return-value]
+
+    def vjp(y: torch.Tensor) -> list[torch.Tensor]:
+        leaves = [w.detach().requires_grad_(True) for w in ws]
+        with torch.enable_grad():
+            return list(torch.autograd.grad(kernel(leaves), leaves, grad_outputs=y))
+
+    residual = target - kernel(ws)
+    for _ in range(steps):
+        scale = float(residual.norm())
+        if scale == 0.0:
+            break
+        y, r = torch.zeros_like(residual), residual.clone()
+        p, rr = r.clone(), float((r * r).sum())
+        for _ in range(cg_iters):
+            ap = jvp(vjp(p))
+            curvature = float((p * ap).sum())
+            if curvature <= 0.0:
+                break
+            alpha = rr / curvature
+            y, r = y + alpha * p, r - alpha * ap
+            rr_next = float((r * r).sum())
+            if rr_next <= (1e-10 * scale) ** 2:
+                break
+            p, rr = r + (rr_next / rr) * p, rr_next
+        trial = [w + d for w, d in zip(ws, vjp(y), strict=True)]
+        trial_residual = target - kernel(trial)
+        if not float(trial_residual.norm()) < scale:  # no progress (an unreachable target): keep what we have
+            break
+        ws, residual = trial, trial_residual
+    with torch.no_grad():
+        for conv, w in zip(layer.chain, ws, strict=True):
+            conv.weight.copy_(w.reshape(conv.weight.shape).to(conv.weight.dtype))
+    return _rel(residual, target)
 
 
 def balance(expanded: nn.Module, skip: tuple[str, ...] = ()) -> None:

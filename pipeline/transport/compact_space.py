@@ -10,9 +10,10 @@ non-expanded layers travel as they are. Everything downstream (aggregation, scre
 feedback, the delta downlink, checkpoints) only sees a state dict in this layout.
 
 - :meth:`CompactSpace.wire_state`: a trained chain -> its wire state (contract the compact layers);
-- :meth:`CompactSpace.receive`: a received wire state -> a node's OWN factors, in place (fallback factors and
-  plain tensors loaded, compact layers lifted with the minimal-norm correction, their chains balanced before
-  and after: see ``models.balance``), returning the LiftReport;
+- :meth:`CompactSpace.receive`: a received wire state -> the factors a node holds, in place (fallback factors
+  and plain tensors loaded, compact layers lifted with the minimal-norm change of all their factors, finished
+  exactly on one: ``models.lift(spread=True)``; chains balanced before and after: ``models.balance``),
+  returning the LiftReport;
 - :meth:`CompactSpace.materialize`: a wire state -> a fresh training-time model (the seeded expansion with the
   state received), what the server evaluates and deploys (``models.finalize`` contracts it).
 """
@@ -117,7 +118,7 @@ class CompactSpace:
                     target[prefix + "bias"] = b.detach()
         fallback = tuple(self.layout.fallback)
         models.balance(model, skip=fallback)  # a well-conditioned map for the correction ...
-        report = lift(model, target)
+        report = lift(model, target, spread=True)  # every factor moves, as factor averaging would move them
         models.balance(model, skip=fallback)  # ... and no factor left to grow round after round (models.lift)
         return report
 

@@ -122,6 +122,11 @@ def test_compact_run_learns_deploys_the_global_layout_and_nodes_hold_lifted_fact
     assert set(global_1) == set(space.keys)
     own = load_latest(run_store(tmp_path / "run", 0), FACTORS, 2)
     assert own is not None and own[0] == 1
+    # every node lifts the global model into the previous GLOBAL factors, so in-sync nodes hold the same factors
+    held = [load_latest(run_store(tmp_path / "run", pid), FACTORS, 3) for pid in range(3)]
+    assert all(h is not None and h[0] == 2 for h in held)
+    for key, value in held[0][1].items():
+        assert all(torch.equal(h[1][key], value) for h in held[1:]), key
     node = space.holding(own[1])
     report = space.receive(node, global_1)
     contracted = space.wire_state(node)
@@ -183,7 +188,7 @@ def test_resume_fingerprint_holds_the_effective_mode_and_reads_older_checkpoints
         check_resume(older, compact, "ckpt")
 
 
-def test_nodes_that_skip_rounds_or_join_late_lift_into_their_own_or_the_seeded_factors(tmp_path: Path) -> None:
+def test_nodes_that_skip_rounds_or_join_late_lift_into_their_older_or_the_seeded_factors(tmp_path: Path) -> None:
     raw = expand_config(tmp_path, "turns", strategy="cl", rounds=3)
     raw["engine"]["fraction"] = 0.34  # one node per round: the others skip it, some train first in round 2 or 3
     run(raw)
