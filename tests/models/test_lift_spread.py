@@ -64,8 +64,8 @@ def _gradient_step(layer, lr: float, seed: int) -> tuple[list[torch.Tensor], tor
 def test_lifting_a_gradient_steps_image_reproduces_the_step_to_first_order(strategy):
     torch.manual_seed(0)
     compact = models.build("smallnet7").double()
-    path, layer = [(p, m) for p, m in expanded_layers(models.expand(compact, strategy, rate=4).double())][-1 if
-                                                                                                   strategy == "fc" else 1]
+    layers = list(expanded_layers(models.expand(compact, strategy, rate=4).double()))
+    path, layer = layers[-1] if strategy == "fc" else layers[1]  # the classifier / an inner conv
     errors = {}
     for lr in (1e-3, 1e-4):
         stepped, target = _gradient_step(layer, lr, seed=3)
