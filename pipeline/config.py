@@ -270,9 +270,10 @@ class DownlinkConfig(Strict):
 
 
 #: what ExpandNet layers send on the flower engine when ``transport.communicate`` is unset (the one place to flip it).
-#: ``factors``: on real CIFAR-10 (BENCHMARKS.md, issue 14) CK r=4 with factors beat compact FedAvg by 1.8 pp over two
-#: seeds, while ``compact`` (the compact net's bytes) fell 2.5 pp below it, so at equal bytes plain compact FedAvg wins
-DEFAULT_EXPAND_COMMUNICATE: Literal["factors", "compact"] = "factors"
+#: ``compact``: on real CIFAR-10 (BENCHMARKS.md, issue 14) CK r=4 with compact communication (lifted into the previous
+#: global factors with the all-factor lift) beat compact FedAvg by 1.6 pp over two seeds at 1.03x its bytes, within
+#: 0.2 pp of ``factors``, which sends 2.7x more
+DEFAULT_EXPAND_COMMUNICATE: Literal["factors", "compact"] = "compact"
 
 
 class TransportConfig(Strict):
@@ -292,7 +293,7 @@ class TransportConfig(Strict):
         "bytes) or the factor gradients (the chain's bytes; needed for explicit mode and powersgd)")
     communicate: Literal["factors", "compact"] | None = Field(
         None, description="flower, compression.kind expand: ExpandNet layers travel as the compact layer's "
-        "update (lifted into each node's own factors on receipt) or as their factors; unset = "
+        "update (lifted into the previous global factors on receipt) or as their factors; unset = "
         "DEFAULT_EXPAND_COMMUNICATE")
 
     @field_validator("codec", mode="before")

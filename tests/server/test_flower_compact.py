@@ -163,11 +163,11 @@ def test_communicate_where_it_cannot_apply_is_a_config_error(tmp_path: Path, cha
         config_from_dict(raw)
 
 
-def test_expand_runs_on_flower_default_to_factors(tmp_path: Path) -> None:
+def test_expand_runs_on_flower_default_to_compact(tmp_path: Path) -> None:
     from pipeline.config import DEFAULT_EXPAND_COMMUNICATE, communicate_mode
 
     raw = expand_config(tmp_path, "default", communicate=None)
-    assert communicate_mode(config_from_dict(raw)) == DEFAULT_EXPAND_COMMUNICATE == "factors"
+    assert communicate_mode(config_from_dict(raw)) == DEFAULT_EXPAND_COMMUNICATE == "compact"
     assert communicate_mode(config_from_dict(raw | {"compression": {"kind": "none"}})) is None
 
 
@@ -177,10 +177,10 @@ def test_resume_fingerprint_holds_the_effective_mode_and_reads_older_checkpoints
     default = config_from_dict(expand_config(tmp_path, "fp", communicate=None))
     compact = config_from_dict(expand_config(tmp_path, "fp", communicate="compact"))
     factors = config_from_dict(expand_config(tmp_path, "fp", communicate="factors"))
-    assert config_fingerprint(default)["transport"]["communicate"] == "factors"  # the default, resolved
-    check_resume(config_fingerprint(default), factors, "ckpt")
-    with pytest.raises(ResumeError, match="transport.communicate \\('factors', now 'compact'\\)"):
-        check_resume(config_fingerprint(default), compact, "ckpt")  # a default run resumed as compact: refused
+    assert config_fingerprint(default)["transport"]["communicate"] == "compact"  # the default, resolved
+    check_resume(config_fingerprint(default), compact, "ckpt")
+    with pytest.raises(ResumeError, match="transport.communicate \\('compact', now 'factors'\\)"):
+        check_resume(config_fingerprint(default), factors, "ckpt")  # a default run resumed as factors: refused
     older = config_fingerprint(factors)
     del older["transport"]["communicate"]  # written before the key existed: factors travelled
     check_resume(older, factors, "ckpt")
