@@ -3,8 +3,9 @@
 ``lift(expanded, compact_state)`` makes ``models.contract(expanded)`` equal the compact model whose
 ``models.trainable_state`` is ``compact_state``: tensors of non-expanded layers (BatchNorm, the classifier,
 1x1 convs under CL, ...) are copied, and each expanded layer's chain gets the minimal-norm correction of ONE
-factor (with ``spread=True``, :func:`spread_correction` first moves all factors jointly, see there). It works IN PLACE, like ``models.load_trainable_state`` (its analogue for plain models): a client keeps
-its own factors (and the optimizer that points at them) and only corrects them; ``expand``/``contract`` return
+factor (with ``spread=True``, :func:`spread_correction` first moves all factors jointly, see there). It works
+IN PLACE, like ``models.load_trainable_state`` (its analogue for plain models): a client keeps its factors
+(and the optimizer that points at them) and only corrects them; ``expand``/``contract`` return
 new modules because they change the architecture, ``lift`` changes values only.
 
 The maths (float64 throughout; a chain ``W_1 .. W_L`` contracts to ``K = Q * W_j * P`` where ``P`` composes
