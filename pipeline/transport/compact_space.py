@@ -91,9 +91,11 @@ class CompactSpace:
                 out[key] = value.detach().cpu().clone()
         return out
 
-    def receive(self, expanded: nn.Module, wire: dict[str, torch.Tensor]) -> LiftReport:
+    def receive(self, expanded: nn.Module, wire: dict[str, torch.Tensor], spread: bool = True) -> LiftReport:
         """Write ``wire`` into ``expanded``'s own factors in place: fallback factors are loaded, the rest lifted.
 
+        ``spread`` moves every factor (``models.lift(spread=True)``), which is what a node that trains next
+        wants; evaluation and deployment only need the contracted function, so :meth:`materialize` skips it.
         A ValueError names the first missing or unexpected key (nothing is modified then).
         """
         missing = [k for k in self.keys if k not in wire]
@@ -118,7 +120,7 @@ class CompactSpace:
                     target[prefix + "bias"] = b.detach()
         fallback = tuple(self.layout.fallback)
         models.balance(model, skip=fallback)  # a well-conditioned map for the correction ...
-        report = lift(model, target, spread=True)  # every factor moves, as factor averaging would move them
+        report = lift(model, target, spread=spread)  # every factor moves, as factor averaging would move them
         models.balance(model, skip=fallback)  # ... and no factor left to grow round after round (models.lift)
         return report
 
@@ -129,9 +131,10 @@ class CompactSpace:
         return model
 
     def materialize(self, wire: dict[str, torch.Tensor]) -> nn.Module:
-        """A fresh training-time model holding ``wire``: the seeded expansion with ``wire`` received."""
+        """A fresh training-time model holding ``wire``: the seeded expansion with ``wire`` received (one-factor
+        lift: what it contracts to is exact either way, and that is all evaluation and deployment use)."""
         model = copy.deepcopy(self.template)
-        self.receive(model, wire)
+        self.receive(model, wire, spread=False)
         return model
 
     def compact_residual(self, report: LiftReport) -> float:
