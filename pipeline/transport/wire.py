@@ -15,6 +15,7 @@ replies with :func:`to_numpy_record` before handing them over.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from typing import Any
@@ -26,7 +27,7 @@ from flwr.common.serde import array_to_proto, message_to_proto
 
 from models.state import cast_state
 from pipeline.config import RunConfig, TransportConfig, config_from_dict
-from pipeline.transport.codecs import Chain, Encoded, parse_chain
+from pipeline.transport.codecs import Encoded, parse_chain
 from pipeline.transport.update import EncodedUpdate, check_header, decode_update, tensor_chain, tensor_group
 
 RAW_STYPE = "compactfl.raw"
@@ -131,8 +132,6 @@ def config_to_json(cfg: RunConfig) -> str:
 
 def config_hash(text: str) -> str:
     """Short stable name of a run config JSON (sha256 prefix)."""
-    import hashlib
-
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -148,8 +147,6 @@ def config_from_json(text: str) -> RunConfig:
 def layout_digest(layout: dict[str, tuple[int, ...]]) -> str:
     """A short name of a model's tensor layout (names and shapes): sender and receiver must agree on it, since
     a packed update's tensors follow each other in sorted name order without names."""
-    import hashlib
-
     text = ";".join(f"{name}:{'x'.join(str(int(d)) for d in shape)}" for name, shape in sorted(layout.items()))
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
@@ -198,31 +195,31 @@ def _read_header(data: torch.Tensor) -> tuple[Any, int]:
 
 
 def _split_update(data: torch.Tensor, transport: TransportConfig, layout: dict[str, tuple[int, ...]], round: int,
-                  ) -> tuple[int, dict[str, Encoded]]:
-    """Header size and the encoded tensors of a packed buffer, header checked (ValueError naming the culprit)."""
+                  ) -> tuple[dict[str, Any], dict[str, Encoded], dict[str, int]]:
+    """The checked header, the encoded tensors and each tensor's byte count of a packed buffer (ValueError
+    naming the culprit)."""
     received, pos = _read_header(data)
     check_header(received, transport, round)
     if received.get("layout") != layout_digest(layout):
         raise ValueError(f"transport header: layout {received.get('layout')!r} is not this model's "
                          f"{layout_digest(layout)!r} (a different model or version)")
-    header_end, tensors = pos, {}
+    tensors, sizes = {}, {}
     for name, shape in sorted(layout.items()):
         try:
-            tensors[name], pos = tensor_chain(name, transport, round).read_bytes(data, pos, tuple(shape))
+            tensors[name], end = tensor_chain(name, transport, round).read_bytes(data, pos, tuple(shape))
         except ValueError as exc:
             raise ValueError(f"update tensor {name!r}: {exc}") from None
+        sizes[name], pos = end - pos, end
     if pos != data.numel():
         raise ValueError(f"update tensor {max(layout)!r}: {data.numel() - pos} bytes follow the last tensor")
-    return header_end, tensors
+    return received, tensors, sizes
 
 
 def record_to_encoded(record: ArrayRecord, transport: TransportConfig, layout: dict[str, tuple[int, ...]],
                       round: int) -> EncodedUpdate:
     """The :class:`EncodedUpdate` of an untrusted packed record, split but not decoded (header checked); the
     inverse of :func:`update_to_record`. Malformed input is a one-line ValueError naming the header or tensor."""
-    data = _update_buffer(record)
-    _, tensors = _split_update(data, transport, layout, round)
-    received, _ = _read_header(data)
+    received, tensors, _ = _split_update(_update_buffer(record), transport, layout, round)
     head = {k: v for k, v in received.items() if k != "layout"}
     return EncodedUpdate(tensors, {name: tensor_group(name, transport) for name in tensors}, head)
 
@@ -252,12 +249,10 @@ def record_group_nbytes(record: ArrayRecord, transport: TransportConfig, layout:
             out[tensor_group(key, transport)] += size
         return dict(out)
     try:
-        _, tensors = _split_update(_update_buffer(record), transport, layout, round)
+        _, _, tensor_bytes = _split_update(_update_buffer(record), transport, layout, round)
     except ValueError:
         return {"unparsed": sum(sizes.values())}
-    chains: dict[str, Chain] = {}
-    for name, enc in tensors.items():
-        chain = chains.setdefault(enc.codec, parse_chain(enc.codec))
-        out[tensor_group(name, transport)] += int(chain.to_bytes(enc).numel())
+    for name, n in tensor_bytes.items():
+        out[tensor_group(name, transport)] += n
     out["header"] = sum(sizes.values()) - sum(out.values())
     return dict(out)
