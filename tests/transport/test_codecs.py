@@ -182,6 +182,28 @@ def test_lowrank_composes_with_qsgd_and_must_come_first() -> None:
         parse_chain("lowrank(rank=0)")
 
 
+def test_lowrank_kernel_layout_factors_each_filter_slice_over_the_kernel_taps() -> None:
+    g = torch.Generator().manual_seed(5)
+    codec = parse_codec("lowrank(rank=3, layout=kernel)")
+    assert codec.descriptor() == "lowrank(rank=3,layout=kernel)" and parse_codec(codec.descriptor()) == codec
+    assert LowRank(rank=3).descriptor() == "lowrank(rank=3)"  # the default layout keeps its old descriptor
+    assert codec.factors((32, 16, 7, 7)) == (512, 49, 3) and codec.factors((64, 512)) == (64, 512, 3)
+    assert codec.factors((8, 3, 1, 1)) is None  # 1x1 taps: a rank-1 view, nothing to shrink
+    # a kernel whose taps span 3 shapes (rank 3 in the kernel view, full rank in PowerSGD's) comes back exactly
+    taps = torch.randn(3, 49, generator=g, dtype=torch.float64)
+    x = (torch.randn(32 * 16, 3, generator=g, dtype=torch.float64) @ taps).view(32, 16, 7, 7)
+    out = codec.decode(codec.encode(x, CTX)).double()
+    assert out.shape == x.shape and torch.allclose(out, x, atol=1e-5 * float(x.abs().max()))
+    assert codec.encode(x, CTX).parts["values"].numel() == 3 * (512 + 49)
+    assert float((LowRank(rank=3).decode(LowRank(rank=3).encode(x, CTX)).double() - x).norm()) > 0.1 * float(x.norm())
+    noisy = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(noisy.view(512, 49), full_matrices=False)
+    best = (u[:, :3] * s[:3]) @ vh[:3]  # Eckart-Young in the kernel view
+    assert torch.allclose(codec.decode(codec.encode(noisy, CTX)).double().view(512, 49), best, atol=1e-4)
+    with pytest.raises(ValueError, match="layout must be one of out, kernel"):
+        parse_codec("lowrank(rank=2, layout=spatial)")
+
+
 def test_lowrank_decoder_refuses_malformed_factors() -> None:
     codec = LowRank(rank=2)
     enc = codec.encode(torch.randn(8, 20), CTX)
