@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -88,6 +89,50 @@ def test_nearest_rounding_is_deterministic_within_half_a_step_and_beats_stochast
     assert mse_near < 0.7 * mse_stoch  # about half in expectation
     on_grid = out.clone()
     assert torch.equal(near.decode(near.encode(on_grid, CTX)), on_grid)  # values on the grid stay put
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_entropy_coded_levels_decode_to_the_same_values_in_fewer_bytes(rounding: str) -> None:
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(7))
+    plain, coded = QSGD(3, 256, rounding), QSGD(3, 256, rounding, entropy="deflate")
+    a, b = plain.encode(x, CTX), coded.encode(x, CTX)
+    assert torch.equal(plain.decode(a), coded.decode(b))  # lossless: not one decoded value changes
+    assert b.parts["levels"][0] == QSGD._DEFLATED
+    # max-scaled 3-bit codes of Gaussian values carry about 2.1 bits: 30% under the packed 3 bits
+    assert b.parts["levels"].numel() < 0.8 * a.parts["levels"].numel()
+    assert torch.equal(b.parts["scales"], a.parts["scales"])
+
+
+def test_entropy_coding_falls_back_to_packed_codes_when_deflate_does_not_shrink_them() -> None:
+    x = torch.rand(3000, generator=torch.Generator().manual_seed(8)) * 2 - 1  # uniform: 8-bit codes are random
+    coded = QSGD(8, entropy="deflate")
+    enc = coded.encode(x, CTX)
+    assert enc.parts["levels"][0] == QSGD._PACKED and enc.parts["levels"].numel() == 3000 + 1
+    assert torch.equal(coded.decode(enc), QSGD(8).decode(QSGD(8).encode(x, CTX)))
+    empty = coded.encode(torch.zeros(0), CTX)
+    assert coded.decode(empty).numel() == 0
+
+
+def test_entropy_coded_levels_refuse_hostile_streams_with_value_errors() -> None:
+    coded = QSGD(3, 256, "nearest", entropy="deflate")
+    enc = coded.encode(torch.randn(1000, generator=torch.Generator().manual_seed(9)), CTX)
+    levels = enc.parts["levels"]
+    bomb = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bomb_stream = bomb.compress(bytes(10_000_000)) + bomb.flush()  # ~10 KB that inflate to 10 MB
+    cases = {
+        "mode byte": torch.zeros(0, dtype=torch.uint8),
+        "unknown levels mode 7": torch.cat([torch.tensor([7], dtype=torch.uint8), levels[1:]]),
+        "does not inflate": torch.cat([levels[:1], torch.full((50,), 255, dtype=torch.uint8)]),
+        "exactly 1000 codes": torch.cat([levels, torch.tensor([1, 2, 3], dtype=torch.uint8)]),
+        "exactly 1000": torch.cat([levels[:1], torch.frombuffer(bytearray(bomb_stream), dtype=torch.uint8)]),
+        "holds": torch.cat([torch.tensor([QSGD._PACKED], dtype=torch.uint8), levels[1:]]),
+    }
+    for needle, bad in cases.items():
+        with pytest.raises(ValueError, match=needle):
+            coded.decode(type(enc)(enc.codec, enc.shape, dict(enc.parts, levels=bad)))
+    truncated = torch.cat([levels[:1], levels[1:-5]])
+    with pytest.raises(ValueError, match="inflate"):
+        coded.decode(type(enc)(enc.codec, enc.shape, dict(enc.parts, levels=truncated)))
 
 
 def test_stochastic_rounding_is_seeded_by_the_context() -> None:
@@ -238,7 +283,9 @@ def test_chain_applies_later_codecs_to_the_kept_values() -> None:
                                   "topk(frac=0.01) + qsgd(bits=8, block=256)", "topk(k=9)+bf16",
                                   "lowrank(rank=3)", "lowrank(rank=2)+qsgd(bits=4, block=64)",
                                   "qsgd(bits=3, rounding=nearest)",
-                                  "lowrank(rank=7)+qsgd(bits=4,block=256,rounding=nearest)"])
+                                  "lowrank(rank=7)+qsgd(bits=4,block=256,rounding=nearest)",
+                                  "lowrank(rank=2, layout=kernel)+qsgd(bits=3, block=64, rounding=nearest, "
+                                  "entropy=deflate)", "qsgd(bits=8, entropy=deflate)"])
 def test_descriptors_parse_back_to_the_same_chain_and_bytes_round_trip(spec: str) -> None:
     chain = parse_chain(spec)
     assert parse_chain(chain.descriptor()) == chain
@@ -258,6 +305,7 @@ def test_descriptors_parse_back_to_the_same_chain_and_bytes_round_trip(spec: str
     ("qsgd(bits=4.5)", "bits must be an integer"),
     ("qsgd(bits=4, block=0)", "block must be a positive"),
     ("qsgd(bits=4, rounding=floor)", "rounding must be one of stochastic, nearest, got 'floor'"),
+    ("qsgd(bits=4, entropy=zstd)", "entropy must be one of none, deflate, got 'zstd'"),
     ("topk(frac=0)", "frac must be in"),
     ("topk(frac=0.1, k=3)", "exactly one of frac or k"),
     ("topk()", "exactly one of frac or k"),

@@ -182,7 +182,8 @@ def test_fuzzed_records_fail_only_with_value_errors_naming_the_tensor() -> None:
     update = {k: v for k, v in _update(seed=3).items() if not k.startswith("stages.0.1")}
     layout = _layout(update)
     rng = random.Random(0)
-    for chain in (CHAIN, ["sign"], ["qsgd(bits=3,block=64)"], ["topk(k=50)"], ["lowrank(rank=2)", "qsgd(bits=4)"]):
+    for chain in (CHAIN, ["sign"], ["qsgd(bits=3,block=64)"], ["topk(k=50)"], ["lowrank(rank=2)", "qsgd(bits=4)"],
+                  ["lowrank(rank=2,layout=kernel)", "qsgd(bits=3,block=64,rounding=nearest,entropy=deflate)"]):
         t = _transport(codec=chain)
         record = update_to_record(encode_update(update, t, CodecContext(round=5)))
         for kind, bad in _mutations(record, rng):
