@@ -4,7 +4,8 @@ A federated run's global model (a round checkpoint, ``--checkpoint``) is trained
 ``--clients`` real CIFAR-10 partitions with the run's config; each update ``u`` (every trainable tensor but BN
 running statistics) goes through each chain. The printed share of the update's energy that a chain loses per
 round is what error feedback has to carry into later rounds: it separates the low-rank truncation from the
-quantisation of the factors, and stochastic from nearest rounding.
+quantisation of the factors, stochastic from nearest rounding, and one matrix view from another. Beside it: the
+bytes of the encoded tensors as they travel packed (mean over clients; no header, no BN running statistics).
 
     PYTHONPATH=. python benchmarks/codec_error.py --data-root /work/data/cifar10 \\
         --config configs/federated/pareto/smallnet7_dense.yaml \\
@@ -31,7 +32,9 @@ CHAINS = ["qsgd(bits=4,block=256)", "qsgd(bits=3,block=256)", "sign", "lowrank(r
           "lowrank(rank=9)+qsgd(bits=3,block=256)", "lowrank(rank=9)+qsgd(bits=3,block=256,rounding=nearest)",
           "lowrank(rank=10)+qsgd(bits=3,block=256,rounding=nearest)",
           "lowrank(rank=7)+qsgd(bits=4,block=256,rounding=nearest)", "lowrank(rank=2)+qsgd(bits=4,block=256)",
-          "lowrank(rank=2)+qsgd(bits=4,block=256,rounding=nearest)"]
+          "lowrank(rank=2)+qsgd(bits=4,block=256,rounding=nearest)", "lowrank(rank=4,layout=kernel)",
+          "lowrank(rank=4,layout=kernel)+qsgd(bits=3,block=256,rounding=nearest,entropy=deflate)",
+          "lowrank(rank=5,layout=kernel)+qsgd(bits=3,block=256,rounding=nearest,entropy=deflate)"]
 
 
 def main() -> None:
@@ -53,17 +56,21 @@ def main() -> None:
                                  server_round=args.round, lrs=[args.lr])
         updates.append({k: trained[k].float() - state[k].float() for k in state
                         if k.rsplit(".", 1)[-1] not in BN_STAT_NAMES})
-    print(f"| chain | relative squared error per round ({args.clients} clients, round {args.round}, lr {args.lr}) |")
-    print("|---|---:|")
+    print(f"| chain | relative squared error per round ({args.clients} clients, round {args.round}, lr {args.lr}) "
+          "| codec bytes per client |")
+    print("|---|---:|---:|")
     for spec in args.chains:
         chain = parse_chain(spec)
         lost = total = 0.0
+        nbytes = 0
         for pid, update in enumerate(updates):
             for name, u in update.items():
-                out = chain.decode(chain.encode(u, CodecContext(cfg.seed, args.round, pid, name)))
+                encoded = chain.encode(u, CodecContext(cfg.seed, args.round, pid, name))
+                out = chain.decode(encoded)
                 lost += float((out - u).pow(2).sum())
                 total += float(u.pow(2).sum())
-        print(f"| `{spec}` | {lost / total:.3f} |")
+                nbytes += chain.to_bytes(encoded).numel()
+        print(f"| `{spec}` | {lost / total:.3f} | {nbytes / len(updates):,.0f} |")
 
 
 if __name__ == "__main__":

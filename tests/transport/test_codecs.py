@@ -135,6 +135,24 @@ def test_entropy_coded_levels_refuse_hostile_streams_with_value_errors() -> None
         coded.decode(type(enc)(enc.codec, enc.shape, dict(enc.parts, levels=truncated)))
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_bf16_scales_halve_the_scale_bytes_and_keep_the_contract_for_the_scale_that_travels(rounding: str) -> None:
+    x = torch.randn(2048, generator=torch.Generator().manual_seed(10)) * 3.14159
+    x[5] = 1.0001  # a block whose max rounds DOWN in bf16: it must still be representable
+    x[256:512] = 1.0001 * torch.sign(x[256:512])
+    wide, half = QSGD(4, 256, rounding), QSGD(4, 256, rounding, scales="bf16")
+    a, b = wide.encode(x, CTX), half.encode(x, CTX)
+    assert b.parts["scales"].dtype == torch.bfloat16 and b.nbytes == a.nbytes - 2 * 8
+    sent = b.parts["scales"].float()
+    assert bool((sent >= x.view(8, 256).abs().amax(1)).all())  # rounded up: every |x| within its scale
+    assert bool((sent <= a.parts["scales"] * (1 + 2**-7)).all())
+    out = half.decode(b)
+    step = (sent / 7).repeat_interleave(256)
+    bound = step / 2 if rounding == "nearest" else step
+    assert bool(((out - x).abs() <= bound * (1 + 1e-5)).all())  # the error bound holds on the sent grid
+    assert bool((out.abs().view(8, 256).amax(1) <= sent * (1 + 1e-6)).all())
+
+
 def test_stochastic_rounding_is_seeded_by_the_context() -> None:
     x = _x(500)
     codec = parse_chain("topk(frac=0.5)+qsgd(bits=2)")
@@ -285,7 +303,8 @@ def test_chain_applies_later_codecs_to_the_kept_values() -> None:
                                   "qsgd(bits=3, rounding=nearest)",
                                   "lowrank(rank=7)+qsgd(bits=4,block=256,rounding=nearest)",
                                   "lowrank(rank=2, layout=kernel)+qsgd(bits=3, block=64, rounding=nearest, "
-                                  "entropy=deflate)", "qsgd(bits=8, entropy=deflate)"])
+                                  "entropy=deflate)", "qsgd(bits=8, entropy=deflate)",
+                                  "qsgd(bits=3, block=64, scales=bf16)"])
 def test_descriptors_parse_back_to_the_same_chain_and_bytes_round_trip(spec: str) -> None:
     chain = parse_chain(spec)
     assert parse_chain(chain.descriptor()) == chain
@@ -306,6 +325,7 @@ def test_descriptors_parse_back_to_the_same_chain_and_bytes_round_trip(spec: str
     ("qsgd(bits=4, block=0)", "block must be a positive"),
     ("qsgd(bits=4, rounding=floor)", "rounding must be one of stochastic, nearest, got 'floor'"),
     ("qsgd(bits=4, entropy=zstd)", "entropy must be one of none, deflate, got 'zstd'"),
+    ("qsgd(bits=4, scales=fp16)", "scales must be one of fp32, bf16, got 'fp16'"),
     ("topk(frac=0)", "frac must be in"),
     ("topk(frac=0.1, k=3)", "exactly one of frac or k"),
     ("topk()", "exactly one of frac or k"),
