@@ -1,6 +1,7 @@
 """DDP comm hooks of the Ray engine: exact byte counts per step through real DDP + gloo (no Ray).
 
-A one-process gloo group runs the real hooks (allreduce, fp16/bf16 casts, PowerSGD factorisation) on real
+A one-process gloo group runs the real hooks (allreduce, fp16/bf16 casts, PowerSGD factorisation, codec chains
+through the allgather) on real
 buckets; the bytes a rank hands to allreduce do not depend on the world size, and the multi-worker path is
 covered end to end by ``test_ray_e2e.py``.
 """
@@ -18,8 +19,9 @@ import torch.nn.functional as F
 from pipeline.transport.ddp_hooks import CommStats, expected_dense_bytes, parse_comm, register_comm_hook
 
 STEPS = 3
+ENTROPY = "qsgd(bits=3,block=256,rounding=nearest,entropy=deflate,scales=bf16)"
 CASES = [("dense", "none"), ("dense", "fp16"), ("dense", "bf16"), ("dense", "powersgd(2)"), ("csg", "none"),
-         ("csg", "bf16")]
+         ("csg", "bf16"), ("dense", "qsgd(bits=3,block=256,rounding=nearest)"), ("dense", ENTROPY)]
 
 
 def _build(kind: str) -> torch.nn.Module:
@@ -49,7 +51,7 @@ def hook_results(gloo_group: None) -> dict:
     for kind, spec in CASES:
         model = _build(kind)
         ddp = torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
-        stats = register_comm_hook(ddp, spec, powersgd_start_iter=2)
+        stats = register_comm_hook(ddp, spec, powersgd_start_iter=2, error_feedback=spec.startswith("qsgd"))
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
         per_step = []
         for _ in range(STEPS):
@@ -129,3 +131,12 @@ def test_csg_allreduces_only_its_trainable_parameters(hook_results: dict) -> Non
     assert ratio < 0.5
     assert abs(ratio / param_ratio - 1) < 0.02
     assert hook_results[("csg", "bf16")]["per_step"][0] == csg["per_step"][0] // 2
+
+
+def test_entropy_coded_gradients_travel_through_the_allgather_and_send_fewer_bytes(hook_results: dict) -> None:
+    dense = hook_results[("dense", "none")]["per_step"][0]
+    packed, coded = hook_results[("dense", "qsgd(bits=3,block=256,rounding=nearest)")], hook_results[("dense", ENTROPY)]
+    assert coded["steps"] == STEPS and coded["finite"] and packed["finite"]
+    # 3 bits packed are 3/32 of fp32 plus the fp32 scales; deflate + bf16 scales must undercut that every step
+    assert all(p < 0.11 * dense for p in packed["per_step"])
+    assert all(c < p for c, p in zip(coded["per_step"], packed["per_step"], strict=True))
