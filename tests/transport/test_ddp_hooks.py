@@ -1,9 +1,8 @@
 """DDP comm hooks of the Ray engine: exact byte counts per step through real DDP + gloo (no Ray).
 
 A one-process gloo group runs the real hooks (allreduce, fp16/bf16 casts, PowerSGD factorisation, codec chains
-through the allgather) on real
-buckets; the bytes a rank hands to allreduce do not depend on the world size, and the multi-worker path is
-covered end to end by ``test_ray_e2e.py``.
+through the allgather) on real buckets; the bytes a rank hands to allreduce do not depend on the world size,
+and the multi-worker path is covered end to end by ``test_ray_e2e.py``.
 """
 
 from __future__ import annotations
