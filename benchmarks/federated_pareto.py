@@ -144,13 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-limit", type=int, default=0)
     parser.add_argument("--max-batches", type=int, default=0, help="smoke runs only: batches per local epoch")
     parser.add_argument("--variants", nargs="*", default=None, help="config stems (default: all)")
-    parser.add_argument("--dropout", default=None, metavar="STEM:PARTITION:FIRST-LAST",
-                        help="also run variant STEM with one partition offline for rounds FIRST..LAST")
+    parser.add_argument("--dropout", nargs="+", default=[], metavar="STEM:PARTITION:FIRST-LAST",
+                        help="also run variant STEM with one partition offline for rounds FIRST..LAST (repeatable)")
     parser.add_argument("--collect-only", action="store_true",
                         help="train nothing: tabulate the finished runs under --out (missing ones are listed)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "pareto")
     args = parser.parse_args(argv)
-    dropout = parse_dropout(args.dropout) if args.dropout else None
+    dropouts = [parse_dropout(spec) for spec in args.dropout]
     paths = sorted(VARIANT_DIR.glob("*.yaml"))
     if args.variants:
         paths = [p for p in paths if p.stem in set(args.variants)]
@@ -159,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         for path in paths:
             jobs.append((path.stem, seed, variant_config(path, args, seed), client_app))
-        if dropout is not None:
-            stem, dropping = dropout
+        for stem, dropping in dropouts:
             name = f"{stem}+dropout{dropping.partition}@{dropping.first}-{dropping.last}"
             cfg = variant_config(VARIANT_DIR / f"{stem}.yaml", args, seed)
             jobs.append((name, seed, cfg.model_copy(update={"name": f"{name}-s{seed}"}), dropping))
