@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.expand_algebra import compose_chain, compose_pair
+from models.expand_algebra import chain_plan, compose_chain, compose_pair
 from models.expand_layers import ExpandedLinear
 from models.expandnets import contract, expand, expanded_layers
 from models.state import _invalidate_caches, trainable_state, unwrap
@@ -156,9 +156,10 @@ def spread_correction(layer: nn.Module, w_target: torch.Tensor, steps: int = 1, 
     groups = getattr(layer.chain[0], "groups", 1)
     ws = [_as_conv(c.weight.detach()).to(torch.float64) for c in layer.chain]
     target = _as_conv(w_target).to(ws[0])
+    plan = chain_plan([w.shape for w in ws], groups)  # every kernel below composes factors of these shapes
 
     def kernel(factors: list[torch.Tensor]) -> torch.Tensor:
-        return compose_chain(factors, [None] * len(factors), groups)[0]
+        return compose_chain(factors, [None] * len(factors), groups, plan)[0]
 
     def jvp(ds: list[torch.Tensor]) -> torch.Tensor:
         return sum(kernel(ws[:j] + [ds[j]] + ws[j + 1:]) for j in range(len(ws)))  # type: ignore[return-value]

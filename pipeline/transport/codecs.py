@@ -220,28 +220,26 @@ class QSGD(Codec):
 
     def _pack_levels(self, codes: torch.Tensor) -> torch.Tensor:
         """The ``levels`` part of ``codes`` (uint8, one per element): packed, or mode byte + the shorter form."""
-        packed = pack_bits(codes, self.bits)
         if self.entropy == "none":
-            return packed
+            return pack_bits(codes, self.bits)
         coder = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
         stream = coder.compress(codes.cpu().numpy().tobytes()) + coder.flush()
-        if len(stream) < packed.numel():
+        if len(stream) < packed_len(codes.numel(), self.bits):
             body = torch.frombuffer(bytearray(stream), dtype=torch.uint8).to(codes.device)
             return torch.cat([body.new_full((1,), self._DEFLATED), body])
+        packed = pack_bits(codes, self.bits)
         return torch.cat([packed.new_full((1,), self._PACKED), packed])
 
     def _unpack_levels(self, parts: dict[str, torch.Tensor], numel: int) -> torch.Tensor:
         """The codes (int64, one per element) of a received ``levels`` part (untrusted: ValueError)."""
         if self.entropy == "none":
-            return unpack_bits(_check_len(parts, "levels", torch.uint8, packed_len(numel, self.bits)), self.bits,
-                               numel)
+            return self._unpack_packed(parts, numel)
         data = parts.get("levels")
         if data is None or data.dtype != torch.uint8 or data.dim() != 1 or data.numel() < 1:
             raise ValueError("qsgd: part 'levels' must be 1-D uint8 starting with a mode byte")
         mode, body = int(data[0]), data[1:]
         if mode == self._PACKED:
-            return unpack_bits(_check_len({"levels": body}, "levels", torch.uint8, packed_len(numel, self.bits)),
-                               self.bits, numel)
+            return self._unpack_packed({"levels": body}, numel)
         if mode != self._DEFLATED:
             raise ValueError(f"qsgd: unknown levels mode {mode}")
         inflater = zlib.decompressobj(-15)
@@ -252,6 +250,10 @@ class QSGD(Codec):
         if len(raw) != numel or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
             raise ValueError(f"qsgd: levels stream must inflate to exactly {numel} codes")
         return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(data.device, torch.int64)
+
+    def _unpack_packed(self, parts: dict[str, torch.Tensor], numel: int) -> torch.Tensor:
+        """The codes of a bit-packed ``levels`` part of exactly the expected length."""
+        return unpack_bits(_check_len(parts, "levels", torch.uint8, packed_len(numel, self.bits)), self.bits, numel)
 
     def needs_generator(self) -> bool:
         return self.rounding == "stochastic"
